@@ -1,0 +1,256 @@
+//! Configuration: one struct, filled from flags and environment variables by clap.
+//!
+//! `lockd --help` is the reference; the README's table agrees with it. Only this module reads
+//! the environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// lockd: distributed locks as a gRPC service, kept in Redis (or in memory when no Redis is
+/// configured).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "lockd", version, about, long_about = None)]
+pub struct Config {
+    /// Address the gRPC server listens on. Use 0.0.0.0:50051 to accept remote clients.
+    #[arg(long, env = "LOCKD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Redis URL, such as redis://:password@host:6379/0 or redis+unix:///path/redis.sock.
+    /// When neither this nor REDIS_HOST is set, lockd uses its embedded in-memory backend.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Redis host (the original design note's variables); ignored when REDIS_URL is set.
+    #[arg(long, env = "REDIS_HOST")]
+    pub redis_host: Option<String>,
+
+    /// Redis port, used with REDIS_HOST.
+    #[arg(long, env = "REDIS_PORT", default_value_t = 6379)]
+    pub redis_port: u16,
+
+    /// Redis database number, used with REDIS_HOST.
+    #[arg(long, env = "REDIS_DB", default_value_t = 0)]
+    pub redis_db: u32,
+
+    /// Redis password, used with REDIS_HOST. Never logged.
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// Number of multiplexed Redis connections shared by all requests.
+    #[arg(long, env = "LOCKD_REDIS_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub redis_pool_size: u32,
+
+    /// Time limit for connecting to Redis and for each Redis reply (e.g. 2s, 500ms).
+    #[arg(long, env = "LOCKD_REDIS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Prefix of every Redis key: keys are <prefix>:{<resource>} and <prefix>:{<resource>}:fence.
+    #[arg(long, env = "LOCKD_KEY_PREFIX", default_value = "lockd")]
+    pub key_prefix: String,
+
+    /// This server's name in generated tokens ("<instance id>:<uuid>"). Default: hostname-pid.
+    #[arg(long, env = "LOCKD_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// TTL of a lease when Acquire gives none.
+    #[arg(long, env = "LOCKD_DEFAULT_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub default_ttl: Duration,
+
+    /// Largest TTL a request may ask for; longer ones are refused with INVALID_ARGUMENT.
+    #[arg(long, env = "LOCKD_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+
+    /// Longest wait_timeout an Acquire may ask for; longer ones are refused with INVALID_ARGUMENT.
+    #[arg(long, env = "LOCKD_MAX_WAIT", default_value = "5m", value_parser = parse_duration)]
+    pub max_wait: Duration,
+
+    /// On SIGINT/SIGTERM, how long in-flight requests may take to finish before lockd exits.
+    #[arg(long, env = "LOCKD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format. Filter with RUST_LOG (default: info).
+    #[arg(long, env = "LOCKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The limits every request is validated against.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// TTL used when a request gives none.
+    pub default_ttl: Duration,
+    /// Largest TTL allowed.
+    pub max_ttl: Duration,
+    /// Largest wait allowed.
+    pub max_wait: Duration,
+}
+
+/// How to reach Redis, already resolved from REDIS_URL or REDIS_HOST and friends.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// The connection URL. It may contain a password: log [`RedisConfig::redacted_url`] instead.
+    pub url: String,
+    /// Number of multiplexed connections.
+    pub pool_size: usize,
+    /// Connect and reply time limit.
+    pub timeout: Duration,
+    /// Key prefix.
+    pub key_prefix: String,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.redacted_url())
+            .field("pool_size", &self.pool_size)
+            .field("timeout", &self.timeout)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+impl RedisConfig {
+    /// The URL with any password replaced by `***`, safe to log.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl Config {
+    /// The validation limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            default_ttl: self.default_ttl,
+            max_ttl: self.max_ttl,
+            max_wait: self.max_wait,
+        }
+    }
+
+    /// The Redis settings, or `None` when no Redis is configured (embedded backend).
+    pub fn redis(&self) -> Option<RedisConfig> {
+        let url = match (&self.redis_url, &self.redis_host) {
+            (Some(url), _) if !url.is_empty() => url.clone(),
+            (_, Some(host)) if !host.is_empty() => {
+                let auth = match &self.redis_password {
+                    Some(p) if !p.is_empty() => format!(":{}@", percent_encode(p)),
+                    _ => String::new(),
+                };
+                format!("redis://{auth}{host}:{}/{}", self.redis_port, self.redis_db)
+            }
+            _ => return None,
+        };
+        Some(RedisConfig {
+            url,
+            pool_size: self.redis_pool_size as usize,
+            timeout: self.redis_timeout,
+            key_prefix: self.key_prefix.clone(),
+        })
+    }
+
+    /// The instance id used in generated tokens: the flag, or `<hostname>-<pid>`.
+    pub fn instance_id(&self) -> String {
+        if let Some(id) = self.instance_id.as_ref().filter(|id| !id.is_empty()) {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "lockd".to_owned());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+/// Parses durations such as `500ms`, `30s`, `5m`, `24h` (a bare number means seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 500ms, 30s, 5m or 24h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+/// Encodes a password for the userinfo part of a URL.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Replaces the password in `scheme://user:password@host` with `***`.
+fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split(':').next().unwrap_or_default();
+    format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn redacted_url_hides_the_password() {
+        assert_eq!(redact_url("redis://:s3cret@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact_url("redis://u:p@h:1"), "redis://u:***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn redis_host_variables_build_a_url_with_an_encoded_password() {
+        let cfg = Config::parse_from([
+            "lockd",
+            "--redis-host",
+            "db",
+            "--redis-port",
+            "6380",
+            "--redis-password",
+            "p@ss word",
+        ]);
+        let redis = cfg.redis().expect("redis configured");
+        assert_eq!(redis.url, "redis://:p%40ss%20word@db:6380/0");
+        assert!(!format!("{redis:?}").contains("p%40ss"));
+    }
+}

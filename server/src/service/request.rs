@@ -1,0 +1,235 @@
+//! Request validation at the edge: every rule, with a message that names the field and the
+//! rule. Nothing invalid reaches a backend.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lockd_proto::v1 as pb;
+
+use crate::config::Limits;
+use crate::error::{Error, Result};
+use crate::lock::{AcquireParams, Token};
+
+/// Longest resource name, in bytes.
+pub const MAX_RESOURCE_BYTES: usize = 256;
+/// Longest client-chosen token, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 128;
+/// Longest owner text, in bytes.
+pub const MAX_OWNER_BYTES: usize = 256;
+/// Most labels on one lease.
+pub const MAX_LABELS: usize = 16;
+/// Longest label key or value, in bytes.
+pub const MAX_LABEL_BYTES: usize = 128;
+
+/// A validated Acquire.
+#[derive(Debug)]
+pub struct Acquire {
+    pub params: AcquireParams,
+    /// Zero: try once.
+    pub wait: Duration,
+}
+
+/// A validated Release.
+#[derive(Debug)]
+pub struct Release {
+    pub resource: String,
+    pub token: Token,
+}
+
+/// A validated Extend.
+#[derive(Debug)]
+pub struct Extend {
+    pub resource: String,
+    pub token: Token,
+    pub ttl: Duration,
+    pub replace_ttl: bool,
+}
+
+/// Checks a resource name: 1 to 256 bytes of UTF-8 (guaranteed by protobuf) without control
+/// characters.
+pub fn resource(r: String) -> Result<String> {
+    if r.is_empty() {
+        return Err(Error::invalid("resource", "is required (1 to 256 bytes)"));
+    }
+    if r.len() > MAX_RESOURCE_BYTES {
+        return Err(Error::invalid(
+            "resource",
+            format!(
+                "must be at most {MAX_RESOURCE_BYTES} bytes (got {})",
+                r.len()
+            ),
+        ));
+    }
+    if r.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "resource",
+            "must not contain control characters",
+        ));
+    }
+    Ok(r)
+}
+
+fn required_token(t: String) -> Result<Token> {
+    if t.is_empty() {
+        return Err(Error::invalid(
+            "token",
+            "is required (the token returned by Acquire)",
+        ));
+    }
+    bounded_token(t)
+}
+
+fn bounded_token(t: String) -> Result<Token> {
+    if t.len() > MAX_TOKEN_BYTES {
+        return Err(Error::invalid(
+            "token",
+            format!("must be at most {MAX_TOKEN_BYTES} bytes (got {})", t.len()),
+        ));
+    }
+    Ok(Token::new(t))
+}
+
+/// Converts a protobuf Duration, refusing negative or malformed ones.
+fn duration(field: &str, d: &prost_types::Duration) -> Result<Duration> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return Err(Error::invalid(field, "must be a non-negative duration"));
+    }
+    Ok(Duration::new(
+        d.seconds.unsigned_abs(),
+        d.nanos.unsigned_abs(),
+    ))
+}
+
+/// A TTL: whole milliseconds (as Redis keeps them), from 1ms to `max`.
+fn ttl(field: &str, d: &prost_types::Duration, max: Duration) -> Result<Duration> {
+    let d = duration(field, d)?;
+    let whole_ms = Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    if whole_ms.is_zero() {
+        return Err(Error::invalid(field, "must be at least 1ms"));
+    }
+    if whole_ms > max {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must be at most {}ms (the server's maximum TTL)",
+                max.as_millis()
+            ),
+        ));
+    }
+    Ok(whole_ms)
+}
+
+fn owner(o: String, peer: Option<SocketAddr>) -> Result<String> {
+    if o.is_empty() {
+        return Ok(peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()));
+    }
+    if o.len() > MAX_OWNER_BYTES {
+        return Err(Error::invalid(
+            "owner",
+            format!("must be at most {MAX_OWNER_BYTES} bytes (got {})", o.len()),
+        ));
+    }
+    if o.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "owner",
+            "must not contain control characters",
+        ));
+    }
+    Ok(o)
+}
+
+fn labels(l: std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    if l.len() > MAX_LABELS {
+        return Err(Error::invalid(
+            "labels",
+            format!("must have at most {MAX_LABELS} entries (got {})", l.len()),
+        ));
+    }
+    for (k, v) in &l {
+        if k.is_empty() {
+            return Err(Error::invalid("labels", "keys must not be empty"));
+        }
+        if k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES {
+            return Err(Error::invalid(
+                "labels",
+                format!("keys and values must be at most {MAX_LABEL_BYTES} bytes (label `{k}`)"),
+            ));
+        }
+    }
+    Ok(l.into_iter().collect())
+}
+
+impl Acquire {
+    /// Validates an Acquire. `generate` makes the token when the client gave none.
+    pub fn parse(
+        r: pb::AcquireRequest,
+        limits: &Limits,
+        peer: Option<SocketAddr>,
+        generate: impl FnOnce() -> Token,
+    ) -> Result<Self> {
+        let resource = resource(r.resource)?;
+        let ttl = match &r.ttl {
+            Some(d) => ttl("ttl", d, limits.max_ttl)?,
+            None => limits.default_ttl,
+        };
+        let wait = match &r.wait_timeout {
+            Some(d) => duration("wait_timeout", d)?,
+            None => Duration::ZERO,
+        };
+        if wait > limits.max_wait {
+            return Err(Error::invalid(
+                "wait_timeout",
+                format!(
+                    "must be at most {}ms (the server's maximum wait)",
+                    limits.max_wait.as_millis()
+                ),
+            ));
+        }
+        let token = if r.token.is_empty() {
+            generate()
+        } else {
+            bounded_token(r.token)?
+        };
+        Ok(Self {
+            params: AcquireParams {
+                resource,
+                token,
+                owner: owner(r.owner, peer)?,
+                ttl,
+                labels: labels(r.labels)?,
+            },
+            wait,
+        })
+    }
+}
+
+impl Release {
+    /// Validates a Release.
+    pub fn parse(r: pb::ReleaseRequest) -> Result<Self> {
+        Ok(Self {
+            resource: resource(r.resource)?,
+            token: required_token(r.token)?,
+        })
+    }
+}
+
+impl Extend {
+    /// Validates an Extend.
+    pub fn parse(r: pb::ExtendRequest, limits: &Limits) -> Result<Self> {
+        let resource = resource(r.resource)?;
+        let token = required_token(r.token)?;
+        let Some(d) = &r.ttl else {
+            return Err(Error::invalid(
+                "ttl",
+                "is required (the time to add, at least 1ms)",
+            ));
+        };
+        Ok(Self {
+            resource,
+            token,
+            ttl: ttl("ttl", d, limits.max_ttl)?,
+            replace_ttl: r.replace_ttl,
+        })
+    }
+}

@@ -1,0 +1,80 @@
+//! Domain → protobuf conversions. Tokens leave only inside a [`pb::Lease`].
+
+use std::time::Duration;
+
+use lockd_proto::v1 as pb;
+
+use crate::lock::{AcquireOutcome, Lease, LeaseStatus, LockInfo, UnixMillis};
+
+pub fn timestamp(ms: UnixMillis) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        // Always in 0..1000 ms, so the nanoseconds fit an i32.
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        // subsec_nanos() < 1e9, so it fits an i32.
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+pub fn lease(l: Lease) -> pb::Lease {
+    pb::Lease {
+        expires_at: Some(timestamp(l.expires_at)),
+        ttl: Some(duration(l.ttl)),
+        fencing_token: l.fencing_token,
+        token: l.token.expose().to_owned(),
+        resource: l.resource,
+    }
+}
+
+pub fn lock_info(h: LockInfo) -> pb::LockInfo {
+    pb::LockInfo {
+        resource: h.resource,
+        owner: h.owner,
+        fencing_token: h.fencing_token,
+        acquired_at: Some(timestamp(h.acquired_at)),
+        expires_at: Some(timestamp(h.expires_at)),
+        labels: h.labels.into_iter().collect(),
+    }
+}
+
+pub fn lease_status(s: LeaseStatus) -> pb::LeaseStatus {
+    match s {
+        LeaseStatus::Ok => pb::LeaseStatus::Ok,
+        LeaseStatus::NotHeld => pb::LeaseStatus::NotHeld,
+        LeaseStatus::HeldByOther => pb::LeaseStatus::HeldByOther,
+    }
+}
+
+pub fn acquire(outcome: AcquireOutcome) -> pb::AcquireResponse {
+    match outcome {
+        AcquireOutcome::Acquired(l) => pb::AcquireResponse {
+            acquired: true,
+            lease: Some(lease(l)),
+            holder: None,
+        },
+        AcquireOutcome::Held(h) => pb::AcquireResponse {
+            acquired: false,
+            lease: None,
+            holder: Some(lock_info(h)),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_keep_milliseconds_and_handle_times_before_1970() {
+        let t = timestamp(1_700_000_000_123);
+        assert_eq!((t.seconds, t.nanos), (1_700_000_000, 123_000_000));
+        let t = timestamp(-1);
+        assert_eq!((t.seconds, t.nanos), (-1, 999_000_000));
+    }
+}

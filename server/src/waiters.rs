@@ -1,0 +1,222 @@
+//! In-process wake-ups for blocking `Acquire`s: one queue of waiters per resource.
+//!
+//! Backends report releases here (the Redis backend from its one pub/sub subscription, the
+//! memory backend directly). A release wakes only the waiter at the head of the resource's
+//! queue, so twenty waiters cost one retry, not twenty. A waiter that leaves (granted, timed out,
+//! cancelled) hands the head position on by waking the next one, so a wake-up is never lost to a
+//! waiter that has gone.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// The registry of waiting `Acquire`s, shared by the service and the backend.
+#[derive(Debug, Default)]
+pub struct Waiters {
+    /// Waiters per resource, in arrival order. The head is the one woken by a release.
+    /// A std mutex: it is held only for a few map operations, never across an `.await`.
+    queues: Mutex<HashMap<String, VecDeque<Arc<Slot>>>>,
+    /// Source of slot ids, to find a slot again when it leaves.
+    next_id: AtomicU64,
+}
+
+/// One waiter's mailbox.
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    /// Stores one wake-up even when the waiter is not polling yet, so none is lost between a
+    /// failed attempt and the wait.
+    notify: Notify,
+    /// Set when the previous head was granted the lock: when its lease ends at the latest, so the
+    /// new head can arm its expiry timer without asking the backend. Cleared by a release.
+    hint: Mutex<Option<Instant>>,
+}
+
+/// Why a waiter was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Try again now: the lock may be free.
+    Retry,
+    /// The previous head got the lock; it is held until this instant at the latest.
+    HeldUntil(Instant),
+}
+
+/// A waiter's place in its resource's queue. Dropping it leaves the queue.
+#[derive(Debug)]
+pub struct Registration {
+    waiters: Arc<Waiters>,
+    resource: String,
+    slot: Arc<Slot>,
+    /// Set by [`Registration::granted`]: the lease the leaving waiter got ends by then.
+    granted_until: Option<Instant>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave the data half-updated (single map or
+    // Option operations), so a poisoned lock is still safe to use.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Waiters {
+    /// Joins the queue of `resource`. Register *before* the first attempt, so that a release
+    /// landing between a failed attempt and the wait is not missed.
+    pub fn register(self: &Arc<Self>, resource: &str) -> Registration {
+        let slot = Arc::new(Slot {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            notify: Notify::new(),
+            hint: Mutex::new(None),
+        });
+        lock(&self.queues)
+            .entry(resource.to_owned())
+            .or_default()
+            .push_back(slot.clone());
+        Registration {
+            waiters: self.clone(),
+            resource: resource.to_owned(),
+            slot,
+            granted_until: None,
+        }
+    }
+
+    /// A release of `resource` happened: wake the head of its queue, if any.
+    pub fn released(&self, resource: &str) {
+        let queues = lock(&self.queues);
+        if let Some(head) = queues.get(resource).and_then(|q| q.front()) {
+            *lock(&head.hint) = None;
+            head.notify.notify_one();
+        }
+    }
+
+    /// Wake the head of every queue: releases may have been missed (the Redis subscription
+    /// reconnected).
+    pub fn released_all(&self) {
+        for queue in lock(&self.queues).values() {
+            if let Some(head) = queue.front() {
+                *lock(&head.hint) = None;
+                head.notify.notify_one();
+            }
+        }
+    }
+
+    /// Number of resources that have at least one local waiter.
+    pub fn resources_waited_on(&self) -> usize {
+        lock(&self.queues).len()
+    }
+}
+
+impl Registration {
+    /// Waits until this waiter is woken, and says why.
+    pub async fn woken(&self) -> Wake {
+        self.slot.notify.notified().await;
+        match lock(&self.slot.hint).take() {
+            Some(until) => Wake::HeldUntil(until),
+            None => Wake::Retry,
+        }
+    }
+
+    /// True when this waiter is at the head of its queue, and so must watch the holder's expiry.
+    pub fn is_head(&self) -> bool {
+        lock(&self.waiters.queues)
+            .get(&self.resource)
+            .and_then(|q| q.front())
+            .is_some_and(|head| head.id == self.slot.id)
+    }
+
+    /// Records that this waiter was granted a lease ending at `until`, then leaves the queue.
+    /// The next waiter learns when to look again without asking the backend.
+    pub fn granted(mut self, until: Instant) {
+        self.granted_until = Some(until);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut queues = lock(&self.waiters.queues);
+        let Some(queue) = queues.get_mut(&self.resource) else {
+            return;
+        };
+        let was_head = queue.front().is_some_and(|s| s.id == self.slot.id);
+        queue.retain(|s| s.id != self.slot.id);
+        match queue.front() {
+            None => {
+                queues.remove(&self.resource);
+            }
+            Some(next) if was_head => {
+                // Hand the head position on. If a release woke us and we are leaving without
+                // the lock (cancelled, timed out), the next waiter retries in our place.
+                *lock(&next.hint) = self.granted_until;
+                next.notify.notify_one();
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn release_wakes_only_the_head_waiter() {
+        let waiters = Arc::new(Waiters::default());
+        let first = waiters.register("r");
+        let second = waiters.register("r");
+        waiters.released("r");
+        assert_eq!(first.woken().await, Wake::Retry);
+        let second_woken = tokio::time::timeout(Duration::from_millis(20), second.woken()).await;
+        assert!(second_woken.is_err(), "the second waiter must not be woken");
+    }
+
+    #[tokio::test]
+    async fn wake_before_wait_is_not_lost() {
+        let waiters = Arc::new(Waiters::default());
+        let w = waiters.register("r");
+        waiters.released("r");
+        // The release happened before we started waiting: the stored permit still wakes us.
+        assert_eq!(w.woken().await, Wake::Retry);
+    }
+
+    #[tokio::test]
+    async fn leaving_head_hands_the_wake_to_the_next_waiter() {
+        let waiters = Arc::new(Waiters::default());
+        let first = waiters.register("r");
+        let second = waiters.register("r");
+        assert!(first.is_head());
+        drop(first);
+        assert!(second.is_head());
+        assert_eq!(second.woken().await, Wake::Retry);
+    }
+
+    #[tokio::test]
+    async fn granted_head_tells_the_next_waiter_when_to_look_again() {
+        let waiters = Arc::new(Waiters::default());
+        let first = waiters.register("r");
+        let second = waiters.register("r");
+        let until = Instant::now() + Duration::from_secs(5);
+        first.granted(until);
+        assert_eq!(second.woken().await, Wake::HeldUntil(until));
+    }
+
+    #[tokio::test]
+    async fn a_release_overrides_a_pending_hint() {
+        let waiters = Arc::new(Waiters::default());
+        let first = waiters.register("r");
+        let second = waiters.register("r");
+        first.granted(Instant::now() + Duration::from_secs(5));
+        waiters.released("r");
+        assert_eq!(second.woken().await, Wake::Retry);
+    }
+
+    #[test]
+    fn last_waiter_leaving_removes_the_resource() {
+        let waiters = Arc::new(Waiters::default());
+        let w = waiters.register("r");
+        assert_eq!(waiters.resources_waited_on(), 1);
+        drop(w);
+        assert_eq!(waiters.resources_waited_on(), 0);
+    }
+}
