@@ -1,1 +1,15 @@
-//! e2e
+//! Black-box tests of lockd: real `lockd` processes, real `redis-server`s, gRPC over TCP.
+//!
+//! This file and its modules live in the top-level `tests/` folder but belong to the `lockd`
+//! package (`server/Cargo.toml`), so cargo builds the `lockd` binary for them.
+
+// A test harness: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod conformance;
+mod contention;
+mod operations;
+mod validation;
+mod waiting;

@@ -1,0 +1,439 @@
+//! The black-box harness: real `redis-server` and real `lockd` processes on free ports,
+//! killed when dropped. No mocks, and no skipping: a missing program fails the test with the
+//! command that installs it.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use deadpool_redis::redis;
+use lockd_client::proto::{
+    AcquireRequest, AcquireResponse, ExtendRequest, GetOwnerRequest, IsLockedRequest, Lease,
+    ReleaseRequest,
+};
+use tokio::time::{Instant, sleep};
+
+pub use lockd_client::Client;
+
+/// A port that was free a moment ago. Below 55535 so a cluster bus port (+10000) would fit.
+pub fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if port < 55535 {
+            return port;
+        }
+    }
+}
+
+fn scratch_dir(what: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "lockd-test-{}-{what}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn require(program: &str, install: &str) {
+    let found = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    assert!(
+        found,
+        "`{program}` is not installed; the tests need the real program. Install it with: {install} \
+         (scripts/test does this for you)"
+    );
+}
+
+/// A real redis-server on a free port.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        require("redis-server", "sudo apt-get install -y redis-server");
+        let mut server = Self {
+            port: free_port(),
+            dir: scratch_dir("redis"),
+            child: None,
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A direct connection, to look at what lockd left in Redis.
+    pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// Kills the server (SIGKILL): every lock in it is lost, as in a crash without persistence.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// All keys, sorted.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut c = self.connection().await.unwrap();
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// How many script calls (EVALSHA + EVAL) Redis has run so far.
+    pub async fn script_calls(&self) -> u64 {
+        let mut c = self.connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Which store a lockd under test uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Memory,
+    Redis,
+}
+
+/// A real `lockd` process (the binary cargo built for this test target).
+pub struct Lockd {
+    pub port: u16,
+    redis_url: Option<String>,
+    extra: Vec<(String, String)>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Lockd {
+    /// Starts lockd over `redis` (or the embedded backend with `None`), waiting until it serves.
+    pub async fn start(redis: Option<&RedisServer>) -> Self {
+        Self::start_with(redis, &[]).await
+    }
+
+    /// Same, with extra environment variables such as `("LOCKD_MAX_TTL", "1m")`.
+    pub async fn start_with(redis: Option<&RedisServer>, env: &[(&str, &str)]) -> Self {
+        let mut lockd = Self {
+            port: free_port(),
+            redis_url: redis.map(RedisServer::url),
+            extra: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            log: scratch_dir("lockd").join("lockd.log"),
+        };
+        lockd.spawn().await;
+        lockd
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockd"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("LOCKD_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("LOCKD_INSTANCE_ID", format!("test-{}", self.port));
+        if let Some(url) = &self.redis_url {
+            cmd.env("REDIS_URL", url);
+        }
+        for (k, v) in &self.extra {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start lockd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while lockd_client::connect(self.endpoint()).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "lockd did not start; log:\n{}",
+                self.log_text()
+            );
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> Client {
+        lockd_client::connect(self.endpoint()).await.unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (up to `limit`) for the process to exit; returns whether it did.
+    pub async fn terminate(&mut self, limit: Duration) -> bool {
+        let pid = self.pid().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                self.child = None;
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills lockd and starts it again on the same port, with the same settings.
+    pub async fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.spawn().await;
+    }
+}
+
+impl Drop for Lockd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A lockd plus, for [`Store::Redis`], the Redis it uses: what the conformance tests run on.
+pub struct Setup {
+    pub redis: Option<RedisServer>,
+    pub lockd: Lockd,
+}
+
+impl Setup {
+    pub async fn new(store: Store) -> Self {
+        Self::with_env(store, &[]).await
+    }
+
+    pub async fn with_env(store: Store, env: &[(&str, &str)]) -> Self {
+        let redis = match store {
+            Store::Memory => None,
+            Store::Redis => Some(RedisServer::start().await),
+        };
+        let lockd = Lockd::start_with(redis.as_ref(), env).await;
+        Self { redis, lockd }
+    }
+
+    pub async fn client(&self) -> Client {
+        self.lockd.client().await
+    }
+}
+
+/// Defines one async test per store: `mod memory { fn name }` and `mod redis { fn name }`.
+#[macro_export]
+macro_rules! conformance {
+    ($(async fn $name:ident($store:ident: Store) $body:block)*) => {
+        $(
+            async fn $name($store: $crate::support::Store) $body
+        )*
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Memory).await }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Redis).await }
+            )*
+        }
+    };
+}
+
+// ---- small request helpers, so tests read as scenarios ----
+
+pub fn secs(s: f64) -> prost_types::Duration {
+    let d = Duration::from_secs_f64(s);
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+pub fn to_std(d: &prost_types::Duration) -> Duration {
+    Duration::new(d.seconds as u64, d.nanos as u32)
+}
+
+pub fn acquire_req(resource: &str, ttl: f64) -> AcquireRequest {
+    AcquireRequest {
+        resource: resource.into(),
+        ttl: Some(secs(ttl)),
+        ..Default::default()
+    }
+}
+
+pub async fn try_acquire(c: &mut Client, resource: &str, ttl: f64) -> AcquireResponse {
+    c.acquire(acquire_req(resource, ttl))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub async fn acquire_ok(c: &mut Client, resource: &str, ttl: f64) -> Lease {
+    let r = try_acquire(c, resource, ttl).await;
+    assert!(
+        r.acquired,
+        "expected to acquire {resource}, holder: {:?}",
+        r.holder
+    );
+    r.lease.unwrap()
+}
+
+pub async fn wait_acquire(c: &mut Client, resource: &str, ttl: f64, wait: f64) -> AcquireResponse {
+    let mut req = acquire_req(resource, ttl);
+    req.wait_timeout = Some(secs(wait));
+    c.acquire(req).await.unwrap().into_inner()
+}
+
+pub async fn release(c: &mut Client, lease: &Lease) -> lockd_client::proto::ReleaseResponse {
+    c.release(ReleaseRequest {
+        resource: lease.resource.clone(),
+        token: lease.token.clone(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+pub async fn extend(
+    c: &mut Client,
+    lease: &Lease,
+    ttl: f64,
+    replace: bool,
+) -> lockd_client::proto::ExtendResponse {
+    c.extend(ExtendRequest {
+        resource: lease.resource.clone(),
+        token: lease.token.clone(),
+        ttl: Some(secs(ttl)),
+        replace_ttl: replace,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+pub async fn is_locked(c: &mut Client, resource: &str) -> lockd_client::proto::IsLockedResponse {
+    c.is_locked(IsLockedRequest {
+        resource: resource.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+pub async fn owner(c: &mut Client, resource: &str) -> Option<lockd_client::proto::LockInfo> {
+    c.get_owner(GetOwnerRequest {
+        resource: resource.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .holder
+}
