@@ -155,7 +155,9 @@ crate::conformance! {
         assert!(added.extended);
         let ttl = to_std(added.lease.as_ref().unwrap().ttl.as_ref().unwrap());
         assert!(ttl > Duration::from_secs(29) && ttl <= Duration::from_secs(30), "{ttl:?}");
-        assert_eq!(added.lease.unwrap().fencing_token, lease.fencing_token);
+        let added = added.lease.unwrap();
+        assert_eq!(added.fencing_token, lease.fencing_token);
+        assert_eq!(added.token, "", "only Acquire returns tokens");
         let replaced = extend(&mut c, &lease, 5.0, true).await;
         assert_eq!(to_std(replaced.lease.unwrap().ttl.as_ref().unwrap()), Duration::from_secs(5));
         // Added time is capped at the server's maximum TTL.

@@ -122,7 +122,11 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         Ok(Response::new(pb::ExtendResponse {
             extended: outcome.status == LeaseStatus::Ok,
             status: response::lease_status(outcome.status) as i32,
-            lease: outcome.lease.map(response::lease),
+            // Only Acquire returns tokens: the caller of Extend already has it.
+            lease: outcome.lease.map(|l| pb::Lease {
+                token: String::new(),
+                ..response::lease(l)
+            }),
         }))
     }
 
