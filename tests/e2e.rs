@@ -8,8 +8,10 @@
 
 mod support;
 
+mod client;
 mod conformance;
 mod contention;
 mod operations;
+mod python;
 mod validation;
 mod waiting;

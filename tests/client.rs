@@ -1,0 +1,1 @@
+//! The Rust client crate (`lockd-client`) against a real lockd and Redis.

@@ -1,0 +1,1 @@
+//! The Python client (`examples/python`) against a real lockd and Redis.
