@@ -58,6 +58,34 @@ fn status_name(s: LeaseStatus) -> &'static str {
 
 #[tonic::async_trait]
 impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
+    type KeepAliveStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::KeepAliveResponse, Status>> + Send>,
+    >;
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>,
+    >;
+
+    async fn keep_alive(
+        &self,
+        _request: Request<tonic::Streaming<pb::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        Err(Status::unimplemented("KeepAlive: in progress"))
+    }
+
+    async fn watch(
+        &self,
+        _request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("Watch: in progress"))
+    }
+
+    async fn list_locks(
+        &self,
+        _request: Request<pb::ListLocksRequest>,
+    ) -> Result<Response<pb::ListLocksResponse>, Status> {
+        Err(Status::unimplemented("ListLocks: in progress"))
+    }
+
     async fn acquire(
         &self,
         request: Request<pb::AcquireRequest>,
@@ -102,6 +130,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         Ok(Response::new(pb::ReleaseResponse {
             released: status == LeaseStatus::Ok,
             status: response::lease_status(status) as i32,
+            ..Default::default()
         }))
     }
 
@@ -139,6 +168,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         Ok(Response::new(pb::IsLockedResponse {
             locked: holder.is_some(),
             remaining: holder.map(|h| response::duration(h.remaining)),
+            ..Default::default()
         }))
     }
 
@@ -150,6 +180,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         let holder = self.backend.inspect(&resource).await?;
         Ok(Response::new(pb::GetOwnerResponse {
             holder: holder.map(response::lock_info),
+            ..Default::default()
         }))
     }
 }
