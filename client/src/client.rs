@@ -1,0 +1,634 @@
+//! [`LockClient`]: connecting, acquiring, releasing, and running jobs under a lock.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use lockd_proto::v1::{
+    AcquireRequest, AcquireResponse, ExtendRequest, GetOwnerRequest, LeaseStatus, LockInfo,
+    ReleaseRequest,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, LostReason};
+use crate::guard::{LeaseInfo, LeaseState, LockGuard, Token, release_in_background};
+use crate::options::{LockOptions, LockRequest};
+use crate::renew::{self, Renewal};
+use crate::retry::RetryPolicy;
+use crate::{Client, proto};
+
+/// The default connect timeout: 5 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default per-request timeout: 10 s (a waiting `Acquire` gets its wait on top).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A lockd client: cheap to clone (all clones share one connection), safe to share between
+/// tasks.
+///
+/// Made by [`LockClient::connect`], [`LockClient::builder`] or [`LockClient::from_channel`].
+#[derive(Debug, Clone)]
+pub struct LockClient {
+    inner: Client,
+    config: Arc<Config>,
+}
+
+/// Settings shared by all clones of a client.
+#[derive(Debug)]
+struct Config {
+    request_timeout: Duration,
+    retry: RetryPolicy,
+    /// Used when a lock's options name no owner.
+    owner: Option<String>,
+}
+
+/// The result of an attempt to take a lock.
+///
+/// Contention is an answer, not an error: `Held` carries who holds the lock.
+#[derive(Debug)]
+#[must_use = "dropping TryLock::Acquired releases the lock at once"]
+pub enum TryLock {
+    /// The lock was granted; the guard renews it until released or dropped.
+    Acquired(LockGuard),
+    /// Someone else holds the lock: the holder (never its token). `None` only when a wait
+    /// ended just as the lock was free but before it could be taken.
+    Held(Option<LockInfo>),
+}
+
+impl TryLock {
+    /// The guard, if the lock was acquired.
+    pub fn into_guard(self) -> Option<LockGuard> {
+        match self {
+            Self::Acquired(guard) => Some(guard),
+            Self::Held(_) => None,
+        }
+    }
+
+    /// Whether the lock was acquired.
+    pub fn is_acquired(&self) -> bool {
+        matches!(self, Self::Acquired(_))
+    }
+
+    /// The holder, if the lock was held by someone else.
+    pub fn holder(&self) -> Option<&LockInfo> {
+        match self {
+            Self::Acquired(_) => None,
+            Self::Held(holder) => holder.as_ref(),
+        }
+    }
+}
+
+/// What [`LockClient::run_exclusive`] did.
+#[derive(Debug, Clone, PartialEq)]
+#[must_use]
+pub enum Outcome<T> {
+    /// The lock was got and the job ran to completion: its output.
+    Ran(T),
+    /// The lock was held by someone else, so the job did not run: the holder (`None` only when
+    /// a wait ended just as the lock was free but before it could be taken).
+    Skipped(Option<LockInfo>),
+}
+
+/// Connection settings for a [`LockClient`]: made by [`LockClient::builder`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), lockd_client::Error> {
+/// use std::time::Duration;
+/// use lockd_client::{LockClient, RetryPolicy};
+///
+/// let client = LockClient::builder("http://127.0.0.1:50051")
+///     .connect_timeout(Duration::from_secs(2))
+///     .request_timeout(Duration::from_secs(5))
+///     .retry(RetryPolicy::default().max_attempts(5))
+///     .owner("scheduler-2 on host-a")
+///     .connect()
+///     .await?;
+/// # let _ = client;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a ClientBuilder does nothing until connect() or connect_lazy()"]
+pub struct ClientBuilder {
+    endpoint: String,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    retry: RetryPolicy,
+    owner: Option<String>,
+    #[cfg(feature = "tls")]
+    tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl ClientBuilder {
+    /// The limit on establishing the connection (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The limit on each request (default 10 s). An `Acquire` that waits gets its wait on top,
+    /// and renewals use at most a third of the TTL. The limit is also sent to lockd as the
+    /// gRPC deadline.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How `UNAVAILABLE` is retried (default: [`RetryPolicy::default`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// The owner named by locks whose options give none (default: lockd uses the peer address).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
+    }
+
+    /// TLS settings, as tonic takes them (the endpoint should then start with `https://`).
+    #[cfg(feature = "tls")]
+    pub fn tls_config(mut self, tls: tonic::transport::ClientTlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Connects now.
+    ///
+    /// # Errors
+    /// [`Error::Connect`] when the endpoint is invalid or the connection cannot be made.
+    pub async fn connect(self) -> Result<LockClient, Error> {
+        let endpoint = self.endpoint()?;
+        let channel = endpoint.connect().await?;
+        Ok(self.client(channel))
+    }
+
+    /// Returns a client at once and connects on first use (and reconnects after failures).
+    ///
+    /// # Errors
+    /// [`Error::Connect`] when the endpoint is invalid.
+    pub fn connect_lazy(self) -> Result<LockClient, Error> {
+        let channel = self.endpoint()?.connect_lazy();
+        Ok(self.client(channel))
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, Error> {
+        let endpoint = Endpoint::from_shared(self.endpoint.clone())?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true);
+        #[cfg(feature = "tls")]
+        let endpoint = match &self.tls {
+            Some(tls) => endpoint.tls_config(tls.clone())?,
+            None => endpoint,
+        };
+        Ok(endpoint)
+    }
+
+    fn client(self, channel: Channel) -> LockClient {
+        LockClient {
+            inner: proto::LockServiceClient::new(channel),
+            config: Arc::new(Config {
+                request_timeout: self.request_timeout,
+                retry: self.retry,
+                owner: self.owner,
+            }),
+        }
+    }
+}
+
+impl LockClient {
+    /// Connects to lockd at `endpoint` (such as `http://127.0.0.1:50051`) with the default
+    /// settings; see [`builder`](Self::builder) for the others.
+    ///
+    /// # Errors
+    /// [`Error::Connect`] when the endpoint is invalid or the connection cannot be made.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self, Error> {
+        Self::builder(endpoint).connect().await
+    }
+
+    /// Settings for a connection to `endpoint`: timeouts, retries, default owner, TLS.
+    pub fn builder(endpoint: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            endpoint: endpoint.into(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            retry: RetryPolicy::default(),
+            owner: None,
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// A client over a channel you built yourself, with the default settings.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self::builder(String::new()).client(channel)
+    }
+
+    /// The generated client over the same connection, for calls this layer does not wrap.
+    pub fn raw(&self) -> Client {
+        self.inner.clone()
+    }
+
+    /// Options for a lock on `resource`, set builder-style and finished with
+    /// [`LockRequest::acquire`] or [`LockRequest::run`].
+    pub fn lock_options(&self, resource: impl Into<String>) -> LockRequest<'_> {
+        LockRequest::new(self, resource.into())
+    }
+
+    /// Tries once to take the lock on `resource` for `ttl` (renewed while the guard lives).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`], [`Error::Unavailable`] (after retries) or [`Error::Timeout`].
+    pub async fn try_lock(
+        &self,
+        resource: impl Into<String>,
+        ttl: Duration,
+    ) -> Result<TryLock, Error> {
+        self.lock_options(resource).ttl(ttl).acquire().await
+    }
+
+    /// Takes the lock on `resource` for `ttl`, waiting up to `wait` while it is held (lockd
+    /// wakes the waiter on release or on the holder's expiry: no polling).
+    ///
+    /// # Errors
+    /// As [`try_lock`](Self::try_lock).
+    pub async fn lock(
+        &self,
+        resource: impl Into<String>,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<TryLock, Error> {
+        self.lock_options(resource)
+            .ttl(ttl)
+            .wait(wait)
+            .acquire()
+            .await
+    }
+
+    /// Runs `job` only if the lock on `resource` is got (one try, no wait), renewing it while
+    /// the job runs and releasing it afterwards. The job receives the lease's [`LeaseInfo`]
+    /// (resource and fencing token). For more options use
+    /// [`lock_options`](Self::lock_options)`(..).run(job)`.
+    ///
+    /// **When the lock is lost mid-run, the job is cancelled**: its future is dropped at its
+    /// next `.await`, and this returns [`Error::LockLost`]. So a job never keeps running once
+    /// its lock can no longer be trusted; a job with side effects that must not be cut short
+    /// should take a guard with [`lock_options`](Self::lock_options) and watch
+    /// [`LockGuard::lost`] itself. A loss noticed at the same time as the job's completion
+    /// counts as a loss (the output is dropped). A failed release after a completed job is only
+    /// logged: the job's output is returned and the lease ends by its TTL.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: lockd_client::LockClient) -> Result<(), lockd_client::Error> {
+    /// use std::time::Duration;
+    /// use lockd_client::Outcome;
+    ///
+    /// match client
+    ///     .run_exclusive("nightly-scan", Duration::from_secs(30), |lease| async move {
+    ///         // ... write with lease.fencing_token ...
+    ///         lease.fencing_token
+    ///     })
+    ///     .await?
+    /// {
+    ///     Outcome::Ran(fence) => println!("ran with fencing token {fence}"),
+    ///     Outcome::Skipped(holder) => println!(
+    ///         "skipping: already running on {}",
+    ///         holder.map(|h| h.owner).unwrap_or_default()
+    ///     ),
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`try_lock`](Self::try_lock), plus [`Error::LockLost`].
+    pub async fn run_exclusive<T, F, Fut>(
+        &self,
+        resource: impl Into<String>,
+        ttl: Duration,
+        job: F,
+    ) -> Result<Outcome<T>, Error>
+    where
+        F: FnOnce(LeaseInfo) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.lock_options(resource).ttl(ttl).run(job).await
+    }
+
+    /// [`run_exclusive`](Self::run_exclusive) with [`LockOptions`].
+    ///
+    /// # Errors
+    /// As [`run_exclusive`](Self::run_exclusive).
+    pub async fn run_exclusive_with<T, F, Fut>(
+        &self,
+        resource: impl Into<String>,
+        options: &LockOptions,
+        job: F,
+    ) -> Result<Outcome<T>, Error>
+    where
+        F: FnOnce(LeaseInfo) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = match self.acquire(resource.into(), options).await? {
+            TryLock::Acquired(guard) => guard,
+            TryLock::Held(holder) => return Ok(Outcome::Skipped(holder)),
+        };
+        let lost = guard.lost();
+        let job = job(guard.info());
+        tokio::select! {
+            biased;
+            reason = lost => {
+                let resource = guard.resource().to_owned();
+                drop(guard);
+                Err(Error::LockLost { resource, reason })
+            }
+            output = job => {
+                let resource = guard.resource().to_owned();
+                match guard.release().await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(%resource, "the lease had ended before the release"),
+                    Err(error) => tracing::warn!(%resource, %error, "release failed; the lease ends by its TTL"),
+                }
+                Ok(Outcome::Ran(output))
+            }
+        }
+    }
+
+    /// The current holder of `resource`, or `None` when it is free.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`], [`Error::Unavailable`] (after retries) or [`Error::Timeout`].
+    pub async fn holder(&self, resource: impl Into<String>) -> Result<Option<LockInfo>, Error> {
+        let resource = resource.into();
+        let reply = self
+            .config
+            .retry
+            .run(|| {
+                let request = self.request(
+                    GetOwnerRequest {
+                        resource: resource.clone(),
+                    },
+                    Duration::ZERO,
+                );
+                let mut raw = self.raw();
+                async move { raw.get_owner(request).await }
+            })
+            .await?;
+        Ok(reply.into_inner().holder)
+    }
+
+    /// Takes the lock per `options`; the heart of every acquiring method.
+    ///
+    /// The token is chosen here (or taken from the options) and sent on every retry, so a
+    /// retried `Acquire` whose earlier attempt was granted gets that same lease back. If the
+    /// acquire fails in the end, a background `Release` with that token removes any lease an
+    /// unanswered attempt may have left.
+    pub(crate) async fn acquire(
+        &self,
+        resource: String,
+        options: &LockOptions,
+    ) -> Result<TryLock, Error> {
+        let token = Token(
+            options
+                .token
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        );
+        let ttl = match options.max_hold {
+            Some(max_hold) => options.ttl.min(max_hold),
+            None => options.ttl,
+        };
+        let wait_until = options.wait.map(|wait| Instant::now() + wait);
+        loop {
+            let (sent, reply) = match self
+                .acquire_once(&resource, options, &token, ttl, wait_until)
+                .await
+            {
+                Ok(reply) => reply,
+                Err(error) => {
+                    if !matches!(error, Error::InvalidArgument(_)) {
+                        release_in_background(self, &resource, &token);
+                    }
+                    return Err(error);
+                }
+            };
+            if !reply.acquired {
+                return Ok(TryLock::Held(reply.holder));
+            }
+            let lease = reply.lease.ok_or_else(|| {
+                Error::Protocol("Acquire answered acquired without a lease".into())
+            })?;
+            let mut granted = lease.ttl.and_then(to_std_duration).unwrap_or(ttl).min(ttl);
+            let mut anchor = sent;
+            let mut expires_at = lease.expires_at.and_then(from_timestamp);
+            // The grant happened somewhere between `sent` and now. After a long wait, the
+            // deadline counted from `sent` may be near or past although the lease is fresh, so
+            // renew once now to count from a known moment.
+            if sent.elapsed() > renew::period(granted) {
+                let sent = Instant::now();
+                match self.extend_now(&resource, &token, ttl).await {
+                    Ok(Some((renewed, renewed_expiry))) => {
+                        (anchor, granted) = (sent, renewed);
+                        expires_at = renewed_expiry.or(expires_at);
+                    }
+                    // The fresh lease ended before we could renew it: try again, within the
+                    // wait if there is any left.
+                    Ok(None) => {
+                        if wait_until.is_some_and(|until| until > Instant::now()) {
+                            continue;
+                        }
+                        return Ok(TryLock::Held(None));
+                    }
+                    Err(error) => {
+                        release_in_background(self, &resource, &token);
+                        return Err(error);
+                    }
+                }
+            }
+            let (state_tx, state_rx) = watch::channel(LeaseState {
+                expires_at: expires_at.unwrap_or_else(|| SystemTime::now() + granted),
+                lost: None::<LostReason>,
+            });
+            let renewal = renew::spawn(Renewal {
+                client: self.clone(),
+                resource: resource.clone(),
+                token: token.clone(),
+                ttl,
+                anchor,
+                deadline: anchor + granted,
+                hold_until: options.max_hold.map(|max_hold| sent + max_hold),
+                state: state_tx,
+            });
+            return Ok(TryLock::Acquired(LockGuard::new(
+                self.clone(),
+                resource,
+                token,
+                lease.fencing_token,
+                ttl,
+                state_rx,
+                renewal,
+            )));
+        }
+    }
+
+    /// One `Acquire`, with `UNAVAILABLE` retried (same token, the wait shrinking to what is
+    /// left); returns when the successful attempt was sent, and the reply.
+    #[allow(
+        clippy::needless_update,
+        reason = "fields added to the proto later must not break this"
+    )]
+    async fn acquire_once(
+        &self,
+        resource: &str,
+        options: &LockOptions,
+        token: &Token,
+        ttl: Duration,
+        wait_until: Option<Instant>,
+    ) -> Result<(Instant, AcquireResponse), Error> {
+        let owner = options
+            .owner
+            .clone()
+            .or_else(|| self.config.owner.clone())
+            .unwrap_or_default();
+        let result = self
+            .config
+            .retry
+            .run(|| {
+                let wait = wait_until
+                    .map(|until| until.saturating_duration_since(Instant::now()))
+                    .filter(|wait| !wait.is_zero());
+                let request = self.request(
+                    AcquireRequest {
+                        resource: resource.to_owned(),
+                        ttl: Some(to_proto_duration(ttl)),
+                        wait_timeout: wait.map(to_proto_duration),
+                        owner: owner.clone(),
+                        token: token.0.clone(),
+                        labels: options.labels.clone(),
+                        ..Default::default()
+                    },
+                    wait.unwrap_or_default(),
+                );
+                let mut raw = self.raw();
+                async move {
+                    let sent = Instant::now();
+                    let reply = raw.acquire(request).await?;
+                    Ok((sent, reply.into_inner()))
+                }
+            })
+            .await?;
+        Ok(result)
+    }
+
+    /// Renews `token`'s lease to `ttl` now (retrying `UNAVAILABLE`): the granted TTL and new
+    /// expiry, or `None` when the lease is no longer held.
+    #[allow(
+        clippy::needless_update,
+        reason = "fields added to the proto later must not break this"
+    )]
+    async fn extend_now(
+        &self,
+        resource: &str,
+        token: &Token,
+        ttl: Duration,
+    ) -> Result<Option<(Duration, Option<SystemTime>)>, Error> {
+        let reply = self
+            .config
+            .retry
+            .run(|| {
+                let request = self.request(
+                    ExtendRequest {
+                        resource: resource.to_owned(),
+                        token: token.0.clone(),
+                        ttl: Some(to_proto_duration(ttl)),
+                        replace_ttl: true,
+                        ..Default::default()
+                    },
+                    Duration::ZERO,
+                );
+                let mut raw = self.raw();
+                async move { raw.extend(request).await }
+            })
+            .await?
+            .into_inner();
+        if !reply.extended {
+            return Ok(None);
+        }
+        let lease = reply.lease.unwrap_or_default();
+        let granted = lease.ttl.and_then(to_std_duration).unwrap_or(ttl).min(ttl);
+        Ok(Some((granted, lease.expires_at.and_then(from_timestamp))))
+    }
+
+    /// Releases `token`'s lease, retrying `UNAVAILABLE`: whether it was still held.
+    pub(crate) async fn release(&self, resource: &str, token: &Token) -> Result<bool, Error> {
+        self.release_with(resource, token, &self.config.retry).await
+    }
+
+    /// Releases `token`'s lease with one attempt: whether it was still held.
+    pub(crate) async fn release_once(&self, resource: &str, token: &Token) -> Result<bool, Error> {
+        self.release_with(resource, token, &RetryPolicy::none())
+            .await
+    }
+
+    #[allow(
+        clippy::needless_update,
+        reason = "fields added to the proto later must not break this"
+    )]
+    async fn release_with(
+        &self,
+        resource: &str,
+        token: &Token,
+        retry: &RetryPolicy,
+    ) -> Result<bool, Error> {
+        let reply = retry
+            .run(|| {
+                let request = self.request(
+                    ReleaseRequest {
+                        resource: resource.to_owned(),
+                        token: token.0.clone(),
+                        ..Default::default()
+                    },
+                    Duration::ZERO,
+                );
+                let mut raw = self.raw();
+                async move { raw.release(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(reply.released || reply.status() == LeaseStatus::Ok)
+    }
+
+    /// A request carrying the request timeout plus `extra` as its deadline.
+    fn request<T>(&self, message: T, extra: Duration) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.config.request_timeout.saturating_add(extra));
+        request
+    }
+
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.config.request_timeout
+    }
+
+    pub(crate) fn retry_policy(&self) -> &RetryPolicy {
+        &self.config.retry
+    }
+}
+
+/// A std duration as a protobuf one (saturating at the protobuf range).
+pub(crate) fn to_proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 0,
+    })
+}
+
+/// A protobuf duration as a std one; `None` when negative or invalid.
+pub(crate) fn to_std_duration(d: prost_types::Duration) -> Option<Duration> {
+    Duration::try_from(d).ok()
+}
+
+/// A protobuf timestamp as a `SystemTime`; `None` when out of range.
+pub(crate) fn from_timestamp(t: prost_types::Timestamp) -> Option<SystemTime> {
+    SystemTime::try_from(t).ok()
+}
