@@ -68,6 +68,7 @@ async fn redis_outage_gives_unavailable_and_not_serving_then_recovers_without_re
                 .release(lockd_client::proto::ReleaseRequest {
                     resource: "job-1".into(),
                     token: "t".into(),
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),

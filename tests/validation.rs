@@ -61,6 +61,7 @@ async fn every_invalid_request_is_refused_with_invalid_argument_and_never_reache
         c.release(ReleaseRequest {
             resource: "".into(),
             token: "t".into(),
+            ..Default::default()
         })
         .await,
         "resource",
@@ -122,6 +123,7 @@ async fn every_invalid_request_is_refused_with_invalid_argument_and_never_reache
         c.release(ReleaseRequest {
             resource: "job".into(),
             token: "".into(),
+            ..Default::default()
         })
         .await,
         "token",
@@ -131,6 +133,7 @@ async fn every_invalid_request_is_refused_with_invalid_argument_and_never_reache
         c.release(ReleaseRequest {
             resource: "job".into(),
             token: "t".repeat(129),
+            ..Default::default()
         })
         .await,
         "token",

@@ -10,10 +10,17 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::lock::{AcquireOutcome, AcquireParams, ExtendOutcome, LeaseStatus, LockInfo, Token};
+use crate::lock::{
+    AcquireOutcome, AcquireParams, ExtendOutcome, Holders, LockInfo, ReleaseOutcome, ReleaseParams,
+    Token,
+};
 
 pub use self::memory::MemoryBackend;
 pub use self::redis::RedisBackend;
+
+/// How long a fair waiter's place in the queue stays live without a refresh. Waiters refresh
+/// it three times per period, so the entries of a crashed lockd go stale after this long.
+pub const FAIR_ENTRY_TTL: Duration = Duration::from_secs(6);
 
 /// What is asked of [`Backend::extend`].
 #[derive(Debug, Clone)]
@@ -30,31 +37,57 @@ pub struct ExtendParams {
     pub max_ttl: Duration,
 }
 
+/// One page of [`Backend::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Held locks (for semaphores: one entry per holder).
+    pub locks: Vec<LockInfo>,
+    /// Where the next page starts; empty when the listing is complete.
+    pub next: String,
+}
+
 /// A lock store. Every method is one atomic step, so a request cancelled at any `.await`
 /// leaves either the old state or the new one, never a half-done change.
 ///
-/// Implementations must report each successful release to the [`Waiters`](crate::waiters::Waiters)
-/// they were built with, on every lockd that shares the store.
+/// Implementations report each release to the [`Waiters`](crate::waiters::Waiters) and every
+/// change to the [`Events`](crate::events::Events) they were built with, on every lockd that
+/// shares the store.
 pub trait Backend: Send + Sync + 'static {
-    /// One attempt to take the lock. Granted when free or already held by the same token (the
-    /// TTL is then refreshed and the fencing token kept); otherwise reports the holder.
+    /// One attempt to take the lock (or a semaphore slot). Granted when free (and no earlier
+    /// fair waiter is queued) or already held by the same token (the TTL is then refreshed and
+    /// the fencing token kept). A fair waiter that is not granted joins (or refreshes its place
+    /// in) the resource's queue.
+    ///
+    /// # Errors
+    /// [`Error::FailedPrecondition`](crate::error::Error::FailedPrecondition) when the resource
+    /// is a mutex and `limit` asks for a semaphore, or the other way round.
     fn acquire(
         &self,
         params: &AcquireParams,
     ) -> impl Future<Output = Result<AcquireOutcome>> + Send;
 
-    /// Frees the lock if `token` holds it.
+    /// Frees the lease if the token holds it, now or at the minimum-hold point.
     fn release(
         &self,
-        resource: &str,
-        token: &Token,
-    ) -> impl Future<Output = Result<LeaseStatus>> + Send;
+        params: &ReleaseParams,
+    ) -> impl Future<Output = Result<ReleaseOutcome>> + Send;
 
     /// Lengthens the lease if the token holds it.
     fn extend(&self, params: &ExtendParams) -> impl Future<Output = Result<ExtendOutcome>> + Send;
 
-    /// Describes the current holder, or `None` when the resource is free.
-    fn inspect(&self, resource: &str) -> impl Future<Output = Result<Option<LockInfo>>> + Send;
+    /// Describes the current holders, or `None` when the resource is free.
+    fn inspect(&self, resource: &str) -> impl Future<Output = Result<Option<Holders>>> + Send;
+
+    /// One page of the locks held under `prefix`, starting at `cursor` ("" for the first).
+    fn list(
+        &self,
+        prefix: &str,
+        page_size: usize,
+        cursor: &str,
+    ) -> impl Future<Output = Result<Page>> + Send;
+
+    /// Removes a fair waiter that gave up from the resource's queue.
+    fn leave_queue(&self, resource: &str, waiter: &str) -> impl Future<Output = Result<()>> + Send;
 
     /// Checks that the store answers, for the health service.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;

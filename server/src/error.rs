@@ -11,6 +11,10 @@ pub enum Error {
     /// The backend (Redis) could not be reached or did not answer in time. Safe to retry.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// The request does not fit the resource's state (a mutex request on a semaphore, or a
+    /// semaphore request with another limit). Retrying will not help.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The server is shutting down and ended the request.
     #[error("server is shutting down")]
     ShuttingDown,
@@ -33,6 +37,7 @@ impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
             Error::InvalidArgument(msg) => Status::invalid_argument(msg),
+            Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
             Error::Unavailable(_) | Error::ShuttingDown => Status::unavailable(err.to_string()),
             Error::Internal(_) => Status::internal(err.to_string()),
         }

@@ -5,6 +5,7 @@
 //! - [`lock`]: domain types (tokens, leases, outcomes), free of gRPC and Redis.
 //! - [`backend`]: the `Backend` trait, with the in-memory and Redis implementations.
 //! - [`waiters`] and [`wait`]: blocking acquires, woken by releases and expiries, never polled.
+//! - [`events`]: lock events for `Watch`.
 //! - [`service`]: the gRPC adapter, with request validation and response conversion.
 //! - [`error`]: the crate's error and its one mapping to `tonic::Status`.
 //! - [`health`], [`shutdown`], [`telemetry`]: running as a well-behaved server.
@@ -14,6 +15,7 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod health;
 pub mod lock;
 pub mod service;
@@ -32,6 +34,7 @@ use tonic_health::ServingStatus;
 
 use crate::backend::{Backend, MemoryBackend, RedisBackend};
 pub use crate::config::Config;
+use crate::events::Events;
 use crate::service::LockService;
 use crate::waiters::Waiters;
 
@@ -59,36 +62,53 @@ pub async fn serve(
     signal: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     let shutdown = CancellationToken::new();
-    let waiters = Arc::new(Waiters::default());
+    let hub = Hub {
+        waiters: Arc::default(),
+        events: Arc::default(),
+        shutdown,
+    };
     match config.redis() {
         None => {
             tracing::warn!(
                 "no Redis configured (REDIS_URL / REDIS_HOST): using the embedded in-memory \
                  backend; locks are local to this process and lost when it stops"
             );
-            let backend = Arc::new(MemoryBackend::new(waiters.clone()));
-            serve_backend(backend, waiters, config, listener, signal, shutdown).await
+            let backend = Arc::new(MemoryBackend::new(hub.waiters.clone(), hub.events.clone()));
+            tokio::spawn(backend.clone().sweep(hub.shutdown.clone()));
+            serve_backend(backend, hub, config, listener, signal).await
         }
         Some(redis) => {
             tracing::info!(url = %redis.redacted_url(), prefix = %redis.key_prefix, "using Redis");
-            let backend = Arc::new(RedisBackend::new(
+            let backend = RedisBackend::start(
                 &redis,
-                waiters.clone(),
-                shutdown.clone(),
-            )?);
-            serve_backend(backend, waiters, config, listener, signal, shutdown).await
+                hub.waiters.clone(),
+                hub.events.clone(),
+                hub.shutdown.clone(),
+            )?;
+            serve_backend(backend, hub, config, listener, signal).await
         }
     }
 }
 
+/// What the service and the backend share: wake-ups, events, and the shutdown signal.
+struct Hub {
+    waiters: Arc<Waiters>,
+    events: Arc<Events>,
+    shutdown: CancellationToken,
+}
+
 async fn serve_backend<B: Backend>(
     backend: Arc<B>,
-    waiters: Arc<Waiters>,
+    hub: Hub,
     config: Config,
     listener: TcpListener,
     signal: impl Future<Output = ()>,
-    shutdown: CancellationToken,
 ) -> Result<(), BoxError> {
+    let Hub {
+        waiters,
+        events,
+        shutdown,
+    } = hub;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, ServingStatus::NotServing).await;
     tokio::spawn(health::probe(
@@ -109,6 +129,7 @@ async fn serve_backend<B: Backend>(
     let service = LockService::new(
         backend,
         waiters,
+        events,
         config.limits(),
         config.instance_id(),
         shutdown.clone(),

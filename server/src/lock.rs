@@ -49,6 +49,85 @@ pub struct AcquireParams {
     pub ttl: Duration,
     /// Labels stored with the lease, sorted by name.
     pub labels: BTreeMap<String, String>,
+    /// 1 for a mutex; more for a semaphore with that many slots.
+    pub limit: u32,
+    /// The waiter's id in the resource's fair queue, when waiting in fair (FIFO) order.
+    pub fair: Option<String>,
+}
+
+/// What is asked of [`Backend::release`](crate::backend::Backend::release).
+#[derive(Debug, Clone)]
+pub struct ReleaseParams {
+    /// The locked resource.
+    pub resource: String,
+    /// The token that must hold it.
+    pub token: Token,
+    /// Keep the lease (unextendable) until this time at least.
+    pub keep_until: Option<UnixMillis>,
+    /// Keep the lease at least this long after it was acquired.
+    pub min_hold: Duration,
+    /// A minimum hold never lasts longer than this from now.
+    pub max_ttl: Duration,
+}
+
+/// The result of a release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReleaseOutcome {
+    /// Whether the token held the lock.
+    pub status: LeaseStatus,
+    /// When the lock frees for others (now, or the minimum-hold point), when released.
+    pub frees_at: Option<UnixMillis>,
+}
+
+/// Why an acquire attempt was not granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Busy {
+    /// The first holder (lowest fencing token). `None` when the lock is free but fair waiters
+    /// that arrived earlier are queued for it.
+    pub holder: Option<LockInfo>,
+    /// How many holders the resource has.
+    pub holders: u32,
+    /// How long until the first lease ends (a free slot may appear then), when known.
+    pub retry_in: Option<Duration>,
+}
+
+/// Everyone holding a resource, as [`Backend::inspect`](crate::backend::Backend::inspect) sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holders {
+    /// 1 for a mutex, the semaphore's limit otherwise.
+    pub limit: u32,
+    /// The current holders, by fencing token. Never empty.
+    pub holders: Vec<LockInfo>,
+}
+
+/// What happened to a lock, for `Watch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A lease was granted.
+    Acquired,
+    /// A lease was extended (or re-acquired with its own token).
+    Extended,
+    /// A lease was released (perhaps with a minimum hold).
+    Released,
+    /// A lease ended at its TTL.
+    Expired,
+}
+
+/// One lock event. It never carries a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The resource.
+    pub resource: String,
+    /// The holder's owner text (empty when unknown, as for expirations seen in Redis).
+    pub owner: String,
+    /// The lease's fencing token (for expirations in Redis: the resource's latest one).
+    pub fencing_token: u64,
+    /// When it happened, by the backend's clock.
+    pub time: UnixMillis,
+    /// When the lease ends, for acquired, extended and minimum-hold released events.
+    pub expires_at: Option<UnixMillis>,
 }
 
 /// A lease granted to the caller. Only the holder receives it.
@@ -90,8 +169,8 @@ pub struct LockInfo {
 pub enum AcquireOutcome {
     /// The lock was granted (or the same token already held it, and its TTL was refreshed).
     Acquired(Lease),
-    /// Another token holds the lock.
-    Held(LockInfo),
+    /// Not granted: held by others, or queued behind fair waiters.
+    Busy(Busy),
 }
 
 /// How a token stood with a lock when it tried to release or extend it.

@@ -1,19 +1,25 @@
 //! The gRPC adapter: `lockd.v1.LockService` over any [`Backend`]. Handlers validate the
 //! request, make one backend call (or a wait), log one decision line, and convert the result.
 
+mod keepalive;
 mod request;
 mod response;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use lockd_proto::v1 as pb;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
 use crate::backend::{Backend, ExtendParams};
 use crate::config::Limits;
-use crate::lock::{AcquireOutcome, LeaseStatus, Token};
+use crate::events::Events;
+use crate::lock::{AcquireOutcome, LeaseStatus, ReleaseParams, Token};
 use crate::wait;
 use crate::waiters::Waiters;
 
@@ -22,18 +28,20 @@ use crate::waiters::Waiters;
 pub struct LockService<B> {
     backend: Arc<B>,
     waiters: Arc<Waiters>,
+    events: Arc<Events>,
     limits: Limits,
     /// Prefix of generated tokens, so an operator can tell which lockd granted a lease.
     instance_id: Arc<str>,
-    /// Cancelled on shutdown: ends every wait with UNAVAILABLE.
+    /// Cancelled on shutdown: ends every wait and stream with UNAVAILABLE.
     shutdown: CancellationToken,
 }
 
 impl<B: Backend> LockService<B> {
-    /// A service over `backend`. `waiters` must be the registry the backend reports releases to.
+    /// A service over `backend`. `waiters` and `events` must be the ones the backend reports to.
     pub fn new(
         backend: Arc<B>,
         waiters: Arc<Waiters>,
+        events: Arc<Events>,
         limits: Limits,
         instance_id: String,
         shutdown: CancellationToken,
@@ -41,6 +49,7 @@ impl<B: Backend> LockService<B> {
         Self {
             backend,
             waiters,
+            events,
             limits,
             instance_id: instance_id.into(),
             shutdown,
@@ -56,35 +65,13 @@ fn status_name(s: LeaseStatus) -> &'static str {
     }
 }
 
+/// A boxed server stream, as tonic wants it.
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
-    type KeepAliveStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<pb::KeepAliveResponse, Status>> + Send>,
-    >;
-    type WatchStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>,
-    >;
-
-    async fn keep_alive(
-        &self,
-        _request: Request<tonic::Streaming<pb::KeepAliveRequest>>,
-    ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        Err(Status::unimplemented("KeepAlive: in progress"))
-    }
-
-    async fn watch(
-        &self,
-        _request: Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("Watch: in progress"))
-    }
-
-    async fn list_locks(
-        &self,
-        _request: Request<pb::ListLocksRequest>,
-    ) -> Result<Response<pb::ListLocksResponse>, Status> {
-        Err(Status::unimplemented("ListLocks: in progress"))
-    }
+    type KeepAliveStream = BoxStream<pb::KeepAliveResponse>;
+    type WatchStream = BoxStream<pb::WatchResponse>;
 
     async fn acquire(
         &self,
@@ -95,7 +82,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
             Token::generate(&self.instance_id)
         })?;
         let outcome = wait::acquire(
-            &*self.backend,
+            &self.backend,
             &self.waiters,
             &req.params,
             req.wait,
@@ -108,13 +95,15 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
                 owner = %req.params.owner,
                 fencing_token = lease.fencing_token,
                 outcome = "acquired",
+                "acquire"
             ),
-            AcquireOutcome::Held(holder) => info!(
-                resource = %holder.resource,
+            AcquireOutcome::Busy(busy) => info!(
+                resource = %req.params.resource,
                 owner = %req.params.owner,
-                holder = %holder.owner,
-                fencing_token = holder.fencing_token,
-                outcome = "held",
+                holder = busy.holder.as_ref().map_or("", |h| h.owner.as_str()),
+                fencing_token = busy.holder.as_ref().map_or(0, |h| h.fencing_token),
+                outcome = "busy",
+                "acquire"
             ),
         }
         Ok(Response::new(response::acquire(outcome)))
@@ -125,12 +114,24 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let req = request::Release::parse(request.into_inner())?;
-        let status = self.backend.release(&req.resource, &req.token).await?;
-        info!(resource = %req.resource, outcome = status_name(status), "release");
+        let params = ReleaseParams {
+            resource: req.resource,
+            token: req.token,
+            keep_until: req.keep_until,
+            min_hold: req.min_hold,
+            max_ttl: self.limits.max_ttl,
+        };
+        let outcome = self.backend.release(&params).await?;
+        info!(
+            resource = %params.resource,
+            outcome = status_name(outcome.status),
+            frees_at = outcome.frees_at,
+            "release"
+        );
         Ok(Response::new(pb::ReleaseResponse {
-            released: status == LeaseStatus::Ok,
-            status: response::lease_status(status) as i32,
-            ..Default::default()
+            released: outcome.status == LeaseStatus::Ok,
+            status: response::lease_status(outcome.status) as i32,
+            frees_at: outcome.frees_at.map(response::timestamp),
         }))
     }
 
@@ -164,11 +165,20 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::IsLockedRequest>,
     ) -> Result<Response<pb::IsLockedResponse>, Status> {
         let resource = request::resource(request.into_inner().resource)?;
-        let holder = self.backend.inspect(&resource).await?;
-        Ok(Response::new(pb::IsLockedResponse {
-            locked: holder.is_some(),
-            remaining: holder.map(|h| response::duration(h.remaining)),
-            ..Default::default()
+        let found = self.backend.inspect(&resource).await?;
+        Ok(Response::new(match found {
+            None => pb::IsLockedResponse::default(),
+            Some(h) => pb::IsLockedResponse {
+                locked: true,
+                remaining: h
+                    .holders
+                    .iter()
+                    .map(|x| x.remaining)
+                    .max()
+                    .map(response::duration),
+                holders: u32::try_from(h.holders.len()).unwrap_or(u32::MAX),
+                limit: h.limit,
+            },
         }))
     }
 
@@ -177,10 +187,80 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::GetOwnerRequest>,
     ) -> Result<Response<pb::GetOwnerResponse>, Status> {
         let resource = request::resource(request.into_inner().resource)?;
-        let holder = self.backend.inspect(&resource).await?;
-        Ok(Response::new(pb::GetOwnerResponse {
-            holder: holder.map(response::lock_info),
-            ..Default::default()
+        let found = self.backend.inspect(&resource).await?;
+        Ok(Response::new(match found {
+            None => pb::GetOwnerResponse::default(),
+            Some(h) => {
+                let holders: Vec<_> = h.holders.into_iter().map(response::lock_info).collect();
+                pb::GetOwnerResponse {
+                    holder: holders.first().cloned(),
+                    holders,
+                    limit: h.limit,
+                }
+            }
+        }))
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<pb::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let stream = keepalive::Session::start(
+            self.backend.clone(),
+            self.limits,
+            self.shutdown.clone(),
+            request.into_inner(),
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let scope = request::WatchScope::parse(request.into_inner())?;
+        let (mut rx, guard) = self.events.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        let shutdown = self.shutdown.clone();
+        // A task per watcher, so a watcher that went away is noticed (tx.closed) even when no
+        // events flow, and shutdown ends the stream.
+        tokio::spawn(async move {
+            let _watching = guard;
+            loop {
+                let reply = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    event = rx.recv() => match event {
+                        Ok(e) if scope.covers(&e.resource) => pb::WatchResponse {
+                            event: Some(response::event(&e)),
+                            missed: 0,
+                        },
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(n)) => pb::WatchResponse { event: None, missed: n },
+                        Err(RecvError::Closed) => return,
+                    },
+                };
+                if tx.send(Ok(reply)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = ReceiverStream::new(out);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_locks(
+        &self,
+        request: Request<pb::ListLocksRequest>,
+    ) -> Result<Response<pb::ListLocksResponse>, Status> {
+        let req = request::List::parse(request.into_inner())?;
+        let page = self
+            .backend
+            .list(&req.prefix, req.page_size, &req.page_token)
+            .await?;
+        Ok(Response::new(pb::ListLocksResponse {
+            locks: page.locks.into_iter().map(response::lock_info).collect(),
+            next_page_token: page.next,
         }))
     }
 }

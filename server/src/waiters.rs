@@ -27,6 +27,8 @@ pub struct Waiters {
 #[derive(Debug)]
 struct Slot {
     id: u64,
+    /// The waiter's id in the backend's fair queue, when it waits in fair order.
+    fair_id: Option<String>,
     /// Stores one wake-up even when the waiter is not polling yet, so none is lost between a
     /// failed attempt and the wait.
     notify: Notify,
@@ -63,9 +65,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Waiters {
     /// Joins the queue of `resource`. Register *before* the first attempt, so that a release
     /// landing between a failed attempt and the wait is not missed.
-    pub fn register(self: &Arc<Self>, resource: &str) -> Registration {
+    /// `fair_id` is the waiter's id in the backend's fair queue, if it waits in fair order.
+    pub fn register(self: &Arc<Self>, resource: &str, fair_id: Option<&str>) -> Registration {
         let slot = Arc::new(Slot {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            fair_id: fair_id.map(str::to_owned),
             notify: Notify::new(),
             hint: Mutex::new(None),
         });
@@ -81,12 +85,18 @@ impl Waiters {
         }
     }
 
-    /// A release of `resource` happened: wake the head of its queue, if any.
-    pub fn released(&self, resource: &str) {
+    /// A release of `resource` happened: wake one waiter. That is the local waiter whose fair
+    /// id is `next` (the head of the backend's fair queue) when there is one, else the head of
+    /// the local queue.
+    pub fn released(&self, resource: &str, next: Option<&str>) {
         let queues = lock(&self.queues);
-        if let Some(head) = queues.get(resource).and_then(|q| q.front()) {
-            *lock(&head.hint) = None;
-            head.notify.notify_one();
+        let Some(queue) = queues.get(resource) else {
+            return;
+        };
+        let fair_next = next.and_then(|id| queue.iter().find(|s| s.fair_id.as_deref() == Some(id)));
+        if let Some(slot) = fair_next.or_else(|| queue.front()) {
+            *lock(&slot.hint) = None;
+            slot.notify.notify_one();
         }
     }
 
@@ -163,9 +173,9 @@ mod tests {
     #[tokio::test]
     async fn release_wakes_only_the_head_waiter() {
         let waiters = Arc::new(Waiters::default());
-        let first = waiters.register("r");
-        let second = waiters.register("r");
-        waiters.released("r");
+        let first = waiters.register("r", None);
+        let second = waiters.register("r", None);
+        waiters.released("r", None);
         assert_eq!(first.woken().await, Wake::Retry);
         let second_woken = tokio::time::timeout(Duration::from_millis(20), second.woken()).await;
         assert!(second_woken.is_err(), "the second waiter must not be woken");
@@ -174,8 +184,8 @@ mod tests {
     #[tokio::test]
     async fn wake_before_wait_is_not_lost() {
         let waiters = Arc::new(Waiters::default());
-        let w = waiters.register("r");
-        waiters.released("r");
+        let w = waiters.register("r", None);
+        waiters.released("r", None);
         // The release happened before we started waiting: the stored permit still wakes us.
         assert_eq!(w.woken().await, Wake::Retry);
     }
@@ -183,8 +193,8 @@ mod tests {
     #[tokio::test]
     async fn leaving_head_hands_the_wake_to_the_next_waiter() {
         let waiters = Arc::new(Waiters::default());
-        let first = waiters.register("r");
-        let second = waiters.register("r");
+        let first = waiters.register("r", None);
+        let second = waiters.register("r", None);
         assert!(first.is_head());
         drop(first);
         assert!(second.is_head());
@@ -194,8 +204,8 @@ mod tests {
     #[tokio::test]
     async fn granted_head_tells_the_next_waiter_when_to_look_again() {
         let waiters = Arc::new(Waiters::default());
-        let first = waiters.register("r");
-        let second = waiters.register("r");
+        let first = waiters.register("r", None);
+        let second = waiters.register("r", None);
         let until = Instant::now() + Duration::from_secs(5);
         first.granted(until);
         assert_eq!(second.woken().await, Wake::HeldUntil(until));
@@ -204,17 +214,29 @@ mod tests {
     #[tokio::test]
     async fn a_release_overrides_a_pending_hint() {
         let waiters = Arc::new(Waiters::default());
-        let first = waiters.register("r");
-        let second = waiters.register("r");
+        let first = waiters.register("r", None);
+        let second = waiters.register("r", None);
         first.granted(Instant::now() + Duration::from_secs(5));
-        waiters.released("r");
+        waiters.released("r", None);
         assert_eq!(second.woken().await, Wake::Retry);
+    }
+
+    #[tokio::test]
+    async fn release_wakes_the_fair_queue_head_even_when_it_is_not_first_locally() {
+        let waiters = Arc::new(Waiters::default());
+        let local_first = waiters.register("r", None);
+        let fair = waiters.register("r", Some("w-1"));
+        waiters.released("r", Some("w-1"));
+        assert_eq!(fair.woken().await, Wake::Retry);
+        let first_woken =
+            tokio::time::timeout(Duration::from_millis(20), local_first.woken()).await;
+        assert!(first_woken.is_err());
     }
 
     #[test]
     fn last_waiter_leaving_removes_the_resource() {
         let waiters = Arc::new(Waiters::default());
-        let w = waiters.register("r");
+        let w = waiters.register("r", None);
         assert_eq!(waiters.resources_waited_on(), 1);
         drop(w);
         assert_eq!(waiters.resources_waited_on(), 0);

@@ -396,6 +396,7 @@ pub async fn release(c: &mut Client, lease: &Lease) -> lockd_client::proto::Rele
     c.release(ReleaseRequest {
         resource: lease.resource.clone(),
         token: lease.token.clone(),
+        ..Default::default()
     })
     .await
     .unwrap()

@@ -1,9 +1,11 @@
-//! The Redis backend: locks as Redis hashes changed only through Lua scripts, and wake-ups
-//! through one pub/sub subscription per lockd process.
+//! The Redis backend: locks as Redis hashes changed only through Lua scripts, and wake-ups and
+//! events through one pub/sub subscription per lockd process.
 //!
-//! Keys are `<prefix>:{<resource>}` (the lock) and `<prefix>:{<resource>}:fence` (the fencing
-//! counter, which never expires). The braces are a Redis Cluster hash tag, so both keys of a
-//! script share a slot.
+//! Keys, all sharing the Redis Cluster hash tag `{<resource>}` so one script's keys share a slot:
+//! `<prefix>:{<resource>}` (the lock or semaphore), `<prefix>:{<resource>}:fence` (the fencing
+//! counter, which never expires), and `<prefix>:{<resource>}:queue` / `:qexp` (the fair queue,
+//! only while fair waiters exist). Channels: `<prefix>:released` (wake-ups) and
+//! `<prefix>:events` (for Watch), plus Redis keyspace notifications for expirations.
 //!
 //! Connections: deadpool-redis creates them (with connect, reply and pool timeouts), and the
 //! backend keeps a few multiplexed connections that every request shares. A per-request pool
@@ -18,22 +20,27 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_redis::redis::aio::MultiplexedConnection;
+use deadpool_redis::redis::aio::{MultiplexedConnection, PubSubSink};
 use deadpool_redis::redis::{self, AsyncConnectionConfig, RedisError, Value};
 use deadpool_redis::{Manager, Pool, Runtime};
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use self::scripts::Scripts;
-use super::{Backend, ExtendParams};
+use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page};
 use crate::config::RedisConfig;
 use crate::error::{Error, Result};
+use crate::events::Events;
 use crate::lock::{
-    AcquireOutcome, AcquireParams, ExtendOutcome, Lease, LeaseStatus, LockInfo, Token,
+    AcquireOutcome, AcquireParams, Busy, EventKind, ExtendOutcome, Holders, Lease, LeaseStatus,
+    LockEvent, LockInfo, ReleaseOutcome, ReleaseParams, UnixMillis,
 };
 use crate::waiters::Waiters;
 
-/// Locks in Redis. Cheap to share behind an `Arc`.
+/// The keyspace-notification pattern for expired keys, in any database.
+const EXPIRED_PATTERN: &str = "__keyevent@*__:expired";
+
+/// Locks in Redis. Shared behind an `Arc`.
 pub struct RedisBackend {
     /// Creates connections, with explicit timeouts.
     pool: Pool,
@@ -43,8 +50,10 @@ pub struct RedisBackend {
     next: AtomicUsize,
     scripts: Scripts,
     prefix: String,
-    /// `<prefix>:released`: release.lua publishes the resource name here.
-    channel: String,
+    /// `<prefix>:released`: release.lua and dequeue.lua publish wake-ups here.
+    released_channel: String,
+    /// `<prefix>:events`: every script that changes a lock publishes its event here.
+    events_channel: String,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -56,18 +65,43 @@ impl std::fmt::Debug for RedisBackend {
     }
 }
 
+fn is_connection_failure(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn from_ms(ms: i64) -> Duration {
+    Duration::from_millis(ms.max(0).unsigned_abs())
+}
+
+/// Escapes the glob characters of `s` for `SCAN MATCH`.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 impl RedisBackend {
-    /// Builds the backend and starts its wake-up subscriber, which reports every release to
-    /// `waiters` until `shutdown` is cancelled. Nothing connects yet: a Redis that is down at
-    /// start makes calls fail with `UNAVAILABLE` until it is up.
+    /// Builds the backend and starts its subscriber, which reports releases to `waiters` and,
+    /// while anyone watches, events to `events`, until `shutdown` is cancelled. Nothing connects
+    /// yet: a Redis that is down at start makes calls fail with `UNAVAILABLE` until it is up.
     ///
     /// # Errors
     /// Fails when the URL is invalid.
-    pub fn new(
+    pub fn start(
         config: &RedisConfig,
         waiters: Arc<Waiters>,
+        events: Arc<Events>,
         shutdown: CancellationToken,
-    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<Arc<Self>, Box<dyn std::error::Error + Send + Sync>> {
         let timeout = Some(config.timeout);
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(timeout)
@@ -79,25 +113,34 @@ impl RedisBackend {
             .recycle_timeout(timeout)
             .runtime(Runtime::Tokio1)
             .build()?;
-        let channel = format!("{}:released", config.key_prefix);
         let client = redis::Client::open(config.url.as_str())?;
-        tokio::spawn(subscribe(client, channel.clone(), waiters, shutdown));
-        Ok(Self {
+        let backend = Arc::new(Self {
             pool,
             conns: (0..config.pool_size).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
             scripts: Scripts::new(),
             prefix: config.key_prefix.clone(),
-            channel,
-        })
+            released_channel: format!("{}:released", config.key_prefix),
+            events_channel: format!("{}:events", config.key_prefix),
+        });
+        let subscriber = Subscriber {
+            backend: backend.clone(),
+            client,
+            waiters,
+            events,
+        };
+        tokio::spawn(subscriber.run(shutdown));
+        Ok(backend)
     }
 
-    fn lock_key(&self, resource: &str) -> String {
-        format!("{}:{{{resource}}}", self.prefix)
+    fn key(&self, resource: &str, suffix: &str) -> String {
+        format!("{}:{{{resource}}}{suffix}", self.prefix)
     }
 
-    fn fence_key(&self, resource: &str) -> String {
-        format!("{}:{{{resource}}}:fence", self.prefix)
+    /// The resource of a lock key, or `None` for any other key.
+    fn resource_of(&self, key: &str) -> Option<String> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        rest.strip_suffix('}').map(str::to_owned)
     }
 
     /// One of the shared connections, connecting it first if needed.
@@ -112,72 +155,129 @@ impl RedisBackend {
         Ok((i, c))
     }
 
+    fn forget_on_failure<T>(&self, i: usize, r: Result<T, RedisError>) -> Result<T> {
+        r.map_err(|e| {
+            if is_connection_failure(&e) {
+                *self.conns[i].lock().unwrap_or_else(PoisonError::into_inner) = None;
+            }
+            e.into()
+        })
+    }
+
     /// Runs a script invocation on a shared connection, dropping the connection if it failed.
     async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Value> {
         let (i, mut conn) = self.conn().await?;
-        match invocation.invoke_async(&mut conn).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if is_connection_failure(&e) {
-                    *self.conns[i].lock().unwrap_or_else(PoisonError::into_inner) = None;
-                }
-                Err(e.into())
-            }
-        }
+        let r = invocation.invoke_async(&mut conn).await;
+        self.forget_on_failure(i, r)
     }
-}
 
-fn is_connection_failure(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
-}
+    /// Runs a plain command or pipeline on a shared connection.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Pipeline) -> Result<T> {
+        let (i, mut conn) = self.conn().await?;
+        let r = cmd.query_async(&mut conn).await;
+        self.forget_on_failure(i, r)
+    }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    async fn inspect_key(&self, resource: &str) -> Result<Option<Holders>> {
+        let inv = self.scripts.inspect.key(self.key(resource, ""));
+        let reply = Reply::new(self.run(&inv).await?)?;
+        if reply.0.is_empty() {
+            return Ok(None);
+        }
+        let now = reply.int(0)?;
+        let limit = reply.uint32(1)?;
+        let count = reply.int(2)?;
+        let mut at = 3;
+        let mut holders = Vec::new();
+        for _ in 0..count {
+            let (holder, next) = reply.holder(at, now, resource)?;
+            holders.push(holder);
+            at = next;
+        }
+        holders.sort_by_key(|h| h.fencing_token);
+        Ok(Some(Holders { limit, holders }))
+    }
 }
 
 impl Backend for RedisBackend {
     async fn acquire(&self, p: &AcquireParams) -> Result<AcquireOutcome> {
-        let mut inv = self.scripts.acquire.key(self.lock_key(&p.resource));
-        inv.key(self.fence_key(&p.resource))
+        let mut inv = self.scripts.acquire.key(self.key(&p.resource, ""));
+        inv.key(self.key(&p.resource, ":fence"))
+            .key(self.key(&p.resource, ":queue"))
+            .key(self.key(&p.resource, ":qexp"))
             .arg(p.token.expose())
             .arg(ms(p.ttl))
-            .arg(&p.owner);
+            .arg(&p.owner)
+            .arg(p.limit)
+            .arg(p.fair.as_deref().unwrap_or(""))
+            .arg(ms(FAIR_ENTRY_TTL))
+            .arg(&self.events_channel)
+            .arg(&p.resource);
         for (name, value) in &p.labels {
             inv.arg(name).arg(value);
         }
         let reply = Reply::new(self.run(&inv).await?)?;
-        if reply.int(0)? == 1 {
-            let fencing_token = reply.uint(1)?;
-            let now = reply.int(3)?;
-            Ok(AcquireOutcome::Acquired(Lease {
+        match reply.int(0)? {
+            1 => Ok(AcquireOutcome::Acquired(Lease {
                 resource: p.resource.clone(),
                 token: p.token.clone(),
-                fencing_token,
-                expires_at: now.saturating_add(ms(p.ttl).try_into().unwrap_or(i64::MAX)),
+                fencing_token: reply.uint(1)?,
+                expires_at: reply
+                    .int(2)?
+                    .saturating_add(i64::try_from(ms(p.ttl)).unwrap_or(i64::MAX)),
                 ttl: p.ttl,
-            }))
-        } else {
-            Ok(AcquireOutcome::Held(reply.holder(1, &p.resource)?))
+            })),
+            0 => {
+                let now = reply.int(1)?;
+                let holders = reply.uint32(3)?;
+                let retry = reply.int(4)?;
+                let holder = if reply.0.len() > 5 {
+                    Some(reply.holder(5, now, &p.resource)?.0)
+                } else {
+                    None
+                };
+                Ok(AcquireOutcome::Busy(Busy {
+                    holder,
+                    holders,
+                    retry_in: (retry >= 0).then(|| from_ms(retry)),
+                }))
+            }
+            _ => Err(mismatch(&p.resource, reply.uint32(1)?, p.limit)),
         }
     }
 
-    async fn release(&self, resource: &str, token: &Token) -> Result<LeaseStatus> {
-        let mut inv = self.scripts.release.key(self.lock_key(resource));
-        inv.arg(token.expose()).arg(&self.channel).arg(resource);
-        match self.run(&inv).await? {
-            Value::Int(1) => Ok(LeaseStatus::Ok),
-            Value::Int(0) => Ok(LeaseStatus::NotHeld),
-            Value::Int(-1) => Ok(LeaseStatus::HeldByOther),
-            other => Err(Error::Internal(format!("release.lua answered {other:?}"))),
-        }
+    async fn release(&self, p: &ReleaseParams) -> Result<ReleaseOutcome> {
+        let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
+        inv.key(self.key(&p.resource, ":queue"))
+            .arg(p.token.expose())
+            .arg(&self.released_channel)
+            .arg(&self.events_channel)
+            .arg(&p.resource)
+            .arg(p.keep_until.unwrap_or(0))
+            .arg(ms(p.min_hold))
+            .arg(ms(p.max_ttl));
+        let reply = Reply::new(self.run(&inv).await?)?;
+        let status = match reply.int(0)? {
+            1 => LeaseStatus::Ok,
+            0 => LeaseStatus::NotHeld,
+            _ => LeaseStatus::HeldByOther,
+        };
+        let frees_at = if status == LeaseStatus::Ok {
+            Some(reply.int(1)?)
+        } else {
+            None
+        };
+        Ok(ReleaseOutcome { status, frees_at })
     }
 
     async fn extend(&self, p: &ExtendParams) -> Result<ExtendOutcome> {
-        let mut inv = self.scripts.extend.key(self.lock_key(&p.resource));
+        let mut inv = self.scripts.extend.key(self.key(&p.resource, ""));
         inv.arg(p.token.expose())
             .arg(ms(p.ttl))
             .arg(if p.replace_ttl { "1" } else { "0" })
-            .arg(ms(p.max_ttl));
+            .arg(ms(p.max_ttl))
+            .arg(&self.events_channel)
+            .arg(&p.resource);
         let reply = Reply::new(self.run(&inv).await?)?;
         let status = match reply.int(0)? {
             1 => LeaseStatus::Ok,
@@ -198,35 +298,89 @@ impl Backend for RedisBackend {
                 token: p.token.clone(),
                 fencing_token: reply.uint(1)?,
                 expires_at: reply.int(2)?.saturating_add(ttl_ms),
-                ttl: Duration::from_millis(ttl_ms.max(0).unsigned_abs()),
+                ttl: from_ms(ttl_ms),
             }),
         })
     }
 
-    async fn inspect(&self, resource: &str) -> Result<Option<LockInfo>> {
-        let inv = self.scripts.inspect.key(self.lock_key(resource));
-        let reply = Reply::new(self.run(&inv).await?)?;
-        if reply.0.is_empty() {
-            return Ok(None);
+    async fn inspect(&self, resource: &str) -> Result<Option<Holders>> {
+        self.inspect_key(resource).await
+    }
+
+    async fn list(&self, prefix: &str, page_size: usize, cursor: &str) -> Result<Page> {
+        let cursor: u64 = if cursor.is_empty() {
+            0
+        } else {
+            cursor
+                .parse()
+                .map_err(|_| Error::invalid("page_token", "is not a token returned by ListLocks"))?
+        };
+        let pattern = format!("{}:{{{}*}}", glob_escape(&self.prefix), glob_escape(prefix));
+        let mut scan = redis::pipe();
+        scan.cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(page_size);
+        let ((next, keys),): ((u64, Vec<String>),) = self.query(&scan).await?;
+        let mut resources: Vec<String> = keys.iter().filter_map(|k| self.resource_of(k)).collect();
+        // SCAN may repeat a key while Redis resizes its table; never within one page.
+        resources.sort();
+        resources.dedup();
+        // Concurrent calls are pipelined on the multiplexed connections.
+        let found =
+            futures_util::future::join_all(resources.iter().map(|r| self.inspect_key(r))).await;
+        let mut locks = Vec::new();
+        for holders in found {
+            if let Some(h) = holders? {
+                locks.extend(h.holders);
+            }
         }
-        Ok(Some(reply.holder(0, resource)?))
+        Ok(Page {
+            locks,
+            next: if next == 0 {
+                String::new()
+            } else {
+                next.to_string()
+            },
+        })
+    }
+
+    async fn leave_queue(&self, resource: &str, waiter: &str) -> Result<()> {
+        let mut inv = self.scripts.dequeue.key(self.key(resource, ":queue"));
+        inv.key(self.key(resource, ":qexp"))
+            .arg(waiter)
+            .arg(&self.released_channel)
+            .arg(resource);
+        self.run(&inv).await.map(drop)
     }
 
     async fn ping(&self) -> Result<()> {
-        let (i, mut conn) = self.conn().await?;
-        let pong: Result<String, RedisError> = redis::cmd("PING").query_async(&mut conn).await;
-        if let Err(e) = pong {
-            if is_connection_failure(&e) {
-                *self.conns[i].lock().unwrap_or_else(PoisonError::into_inner) = None;
-            }
-            return Err(e.into());
-        }
+        let mut ping = redis::pipe();
+        ping.cmd("PING");
+        let _: (String,) = self.query(&ping).await?;
         Ok(())
     }
 
     fn name(&self) -> &'static str {
         "redis"
     }
+}
+
+fn mismatch(resource: &str, existing: u32, asked: u32) -> Error {
+    let what = |n: u32| {
+        if n <= 1 {
+            "a mutex".to_owned()
+        } else {
+            format!("a semaphore with limit {n}")
+        }
+    };
+    Error::FailedPrecondition(format!(
+        "resource `{resource}` is {}; this request asks for {}",
+        what(existing),
+        what(asked)
+    ))
 }
 
 /// A script's array reply, read field by field.
@@ -236,6 +390,7 @@ impl Reply {
     fn new(v: Value) -> Result<Self> {
         match v {
             Value::Array(items) => Ok(Self(items)),
+            Value::Int(n) => Ok(Self(vec![Value::Int(n)])),
             other => Err(Error::Internal(format!("expected an array, got {other:?}"))),
         }
     }
@@ -253,6 +408,10 @@ impl Reply {
         u64::try_from(self.int(i)?).map_err(|_| Error::Internal(format!("field {i}: negative")))
     }
 
+    fn uint32(&self, i: usize) -> Result<u32> {
+        u32::try_from(self.int(i)?).map_err(|_| Error::Internal(format!("field {i}: out of range")))
+    }
+
     fn text(&self, i: usize) -> Result<String> {
         match self.0.get(i) {
             Some(Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
@@ -262,77 +421,216 @@ impl Reply {
         }
     }
 
-    /// The holder layout shared by acquire.lua and inspect.lua, starting at `at`:
-    /// fencing token, acquired-at, now, remaining ms, owner, then label pairs.
-    fn holder(&self, at: usize, resource: &str) -> Result<LockInfo> {
-        let now = self.int(at + 2)?;
-        let remaining = self.int(at + 3)?.max(0);
+    /// The holder layout of acquire.lua and inspect.lua, starting at `at`: fencing token,
+    /// acquired-at, remaining ms, owner, 2 x number of labels, then the labels. Returns the
+    /// holder and the index after it.
+    fn holder(&self, at: usize, now: UnixMillis, resource: &str) -> Result<(LockInfo, usize)> {
+        let remaining = self.int(at + 2)?.max(0);
+        let n = usize::try_from(self.int(at + 4)?).unwrap_or(0);
         let mut labels = BTreeMap::new();
-        let mut i = at + 5;
-        while i + 1 < self.0.len() {
+        for i in (at + 5..at + 5 + n).step_by(2) {
             labels.insert(self.text(i)?, self.text(i + 1)?);
-            i += 2;
         }
-        Ok(LockInfo {
+        let info = LockInfo {
             resource: resource.to_owned(),
-            owner: self.text(at + 4)?,
+            owner: self.text(at + 3)?,
             fencing_token: self.uint(at)?,
             acquired_at: self.int(at + 1)?,
             expires_at: now.saturating_add(remaining),
-            remaining: Duration::from_millis(remaining.unsigned_abs()),
+            remaining: from_ms(remaining),
             labels,
-        })
+        };
+        Ok((info, at + 5 + n))
     }
 }
 
-/// The one wake-up subscription of this process: every release published on `channel` wakes
-/// the head local waiter of that resource. Reconnects with backoff; after a reconnect every
-/// queue head retries, since releases may have been missed meanwhile.
-async fn subscribe(
+/// Parses an event published by a script: "<kind>\n<resource>\n<owner>\n<fence>\n<time>\n<expires>".
+fn parse_event(payload: &str) -> Option<LockEvent> {
+    let mut parts = payload.split('\n');
+    let kind = match parts.next()? {
+        "A" => EventKind::Acquired,
+        "E" => EventKind::Extended,
+        "R" => EventKind::Released,
+        _ => return None,
+    };
+    Some(LockEvent {
+        kind,
+        resource: parts.next()?.to_owned(),
+        owner: parts.next()?.to_owned(),
+        fencing_token: parts.next()?.parse().ok()?,
+        time: parts.next()?.parse().ok()?,
+        expires_at: parts.next()?.parse().ok(),
+    })
+}
+
+/// The one subscription of this process: wake-ups always, events while anyone watches.
+struct Subscriber {
+    backend: Arc<RedisBackend>,
     client: redis::Client,
-    channel: String,
     waiters: Arc<Waiters>,
-    shutdown: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(50);
-    let mut connected_before = false;
-    loop {
-        let attempt = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, RedisError>(pubsub)
-        };
-        let pubsub = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = attempt => r,
-        };
-        match pubsub {
-            Ok(pubsub) => {
-                backoff = Duration::from_millis(50);
-                if connected_before {
-                    tracing::info!("wake-up subscription restored");
-                    waiters.released_all();
+    events: Arc<Events>,
+}
+
+impl Subscriber {
+    /// Subscribes, reconnecting with backoff. After a reconnect every queue head retries, since
+    /// releases may have been missed meanwhile.
+    async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(50);
+        let mut connected_before = false;
+        let mut watchers = self.events.watchers();
+        loop {
+            let attempt = async {
+                let pubsub = self.client.get_async_pubsub().await?;
+                let (mut sink, stream) = pubsub.split();
+                sink.subscribe(&self.backend.released_channel).await?;
+                Ok::<_, RedisError>((sink, stream))
+            };
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = attempt => r,
+            };
+            match connected {
+                Ok((mut sink, mut stream)) => {
+                    backoff = Duration::from_millis(50);
+                    if connected_before {
+                        tracing::info!("wake-up subscription restored");
+                        self.waiters.released_all();
+                    }
+                    connected_before = true;
+                    let mut watching = false;
+                    loop {
+                        let want = *watchers.borrow_and_update() > 0;
+                        if want != watching {
+                            if let Err(e) = self.watch_events(&mut sink, want).await {
+                                tracing::warn!(error = %e, "cannot (un)subscribe lock events");
+                                break;
+                            }
+                            watching = want;
+                        }
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = watchers.changed() => {}
+                            msg = stream.next() => match msg {
+                                Some(msg) => self.handle(&msg),
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!("wake-up subscription lost; reconnecting");
                 }
-                connected_before = true;
-                let mut messages = pubsub.into_on_message();
-                loop {
-                    let msg = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        m = messages.next() => m,
-                    };
-                    let Some(msg) = msg else { break };
-                    waiters.released(&String::from_utf8_lossy(msg.get_payload_bytes()));
-                }
-                tracing::warn!("wake-up subscription lost; reconnecting");
+                Err(e) => tracing::debug!(error = %e, "wake-up subscription failed; retrying"),
             }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Starts or stops listening for lock events and expirations.
+    async fn watch_events(&self, sink: &mut PubSubSink, on: bool) -> Result<(), RedisError> {
+        if on {
+            self.enable_expiry_notifications().await;
+            sink.subscribe(&self.backend.events_channel).await?;
+            sink.psubscribe(EXPIRED_PATTERN).await
+        } else {
+            sink.unsubscribe(&self.backend.events_channel).await?;
+            sink.punsubscribe(EXPIRED_PATTERN).await
+        }
+    }
+
+    /// Turns on Redis's expired-key notifications (`notify-keyspace-events` E and x) if they are
+    /// off. Managed Redis services may refuse CONFIG: expirations are then not reported.
+    async fn enable_expiry_notifications(&self) {
+        let mut get = redis::pipe();
+        get.cmd("CONFIG").arg("GET").arg("notify-keyspace-events");
+        let flags = match self.backend.query::<((String, String),)>(&get).await {
+            Ok(((_, flags),)) => flags,
             Err(e) => {
-                tracing::debug!(error = %e, "wake-up subscription failed; retrying");
+                tracing::warn!(error = %e, "cannot read notify-keyspace-events; Watch will not see expirations");
+                return;
+            }
+        };
+        let has = |c| flags.contains(c);
+        if has('E') && (has('x') || has('A')) {
+            return;
+        }
+        let mut set = redis::pipe();
+        set.cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg(format!("{flags}Ex"));
+        match self.backend.query::<(String,)>(&set).await {
+            Ok(_) => tracing::info!("enabled Redis keyspace notifications for expired keys (Ex)"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot enable notify-keyspace-events Ex; Watch will not see expirations")
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+    }
+
+    fn handle(&self, msg: &redis::Msg) {
+        let payload = String::from_utf8_lossy(msg.get_payload_bytes());
+        if msg.from_pattern() {
+            if let Some(resource) = self.backend.resource_of(&payload) {
+                tokio::spawn(report_expiry(
+                    self.backend.clone(),
+                    self.events.clone(),
+                    resource,
+                ));
+            }
+        } else if msg.get_channel_name() == self.backend.released_channel {
+            let (resource, next) = payload.split_once('\n').unwrap_or((&payload, ""));
+            self.waiters
+                .released(resource, (!next.is_empty()).then_some(next));
+        } else if let Some(event) = parse_event(&payload) {
+            self.events.publish(event);
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Reports an expiration seen through keyspace notifications. The lock's record is gone, so
+/// the event carries the resource's latest fencing token and Redis's current time.
+async fn report_expiry(backend: Arc<RedisBackend>, events: Arc<Events>, resource: String) {
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET")
+        .arg(backend.key(&resource, ":fence"))
+        .cmd("TIME");
+    let Ok((fence, (secs, micros))): Result<(Option<u64>, (i64, i64))> = backend.query(&pipe).await
+    else {
+        return;
+    };
+    events.publish(LockEvent {
+        kind: EventKind::Expired,
+        resource,
+        owner: String::new(),
+        fencing_token: fence.unwrap_or(0),
+        time: secs * 1000 + micros / 1000,
+        expires_at: None,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_characters_are_escaped_for_scan() {
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn events_parse_from_script_payloads() {
+        let e = parse_event("A\njob-1\nscheduler-2\n7\n1000\n31000").unwrap();
+        assert_eq!(e.kind, EventKind::Acquired);
+        assert_eq!(
+            (e.resource.as_str(), e.owner.as_str()),
+            ("job-1", "scheduler-2")
+        );
+        assert_eq!(
+            (e.fencing_token, e.time, e.expires_at),
+            (7, 1000, Some(31000))
+        );
+        assert!(parse_event("Z\nx").is_none());
     }
 }

@@ -9,7 +9,7 @@ use lockd_proto::v1 as pb;
 
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::lock::{AcquireParams, Token};
+use crate::lock::{AcquireParams, Token, UnixMillis};
 
 /// Longest resource name, in bytes.
 pub const MAX_RESOURCE_BYTES: usize = 256;
@@ -21,6 +21,12 @@ pub const MAX_OWNER_BYTES: usize = 256;
 pub const MAX_LABELS: usize = 16;
 /// Longest label key or value, in bytes.
 pub const MAX_LABEL_BYTES: usize = 128;
+/// Largest semaphore limit.
+pub const MAX_LIMIT: u32 = 1024;
+/// Largest ListLocks page.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// ListLocks page size when none is given.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
 
 /// A validated Acquire.
 #[derive(Debug)]
@@ -35,6 +41,33 @@ pub struct Acquire {
 pub struct Release {
     pub resource: String,
     pub token: Token,
+    pub keep_until: Option<UnixMillis>,
+    pub min_hold: Duration,
+}
+
+/// A validated ListLocks.
+#[derive(Debug)]
+pub struct List {
+    pub prefix: String,
+    pub page_size: usize,
+    pub page_token: String,
+}
+
+/// What a Watch follows.
+#[derive(Debug, Clone)]
+pub enum WatchScope {
+    /// One resource.
+    Resource(String),
+    /// Every resource under a prefix.
+    Prefix(String),
+}
+
+/// A validated lease reference from a KeepAlive message.
+#[derive(Debug, Clone)]
+pub struct KeptLease {
+    pub resource: String,
+    pub token: Token,
+    pub ttl: Duration,
 }
 
 /// A validated Extend.
@@ -68,6 +101,23 @@ pub fn resource(r: String) -> Result<String> {
         ));
     }
     Ok(r)
+}
+
+/// Checks a resource-name prefix: at most 256 bytes, no control characters; may be empty.
+fn prefix(field: &str, p: String) -> Result<String> {
+    if p.len() > MAX_RESOURCE_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must be at most {MAX_RESOURCE_BYTES} bytes (got {})",
+                p.len()
+            ),
+        ));
+    }
+    if p.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(p)
 }
 
 fn required_token(t: String) -> Result<Token> {
@@ -191,6 +241,15 @@ impl Acquire {
         } else {
             bounded_token(r.token)?
         };
+        if r.limit > MAX_LIMIT {
+            return Err(Error::invalid(
+                "limit",
+                format!("must be at most {MAX_LIMIT} (got {})", r.limit),
+            ));
+        }
+        // Only a waiting request takes a place in the fair queue; a single attempt still
+        // respects the queue (the backend does that for every request).
+        let fair = (r.fair && !wait.is_zero()).then(|| uuid::Uuid::new_v4().to_string());
         Ok(Self {
             params: AcquireParams {
                 resource,
@@ -198,6 +257,8 @@ impl Acquire {
                 owner: owner(r.owner, peer)?,
                 ttl,
                 labels: labels(r.labels)?,
+                limit: r.limit.max(1),
+                fair,
             },
             wait,
         })
@@ -207,9 +268,24 @@ impl Acquire {
 impl Release {
     /// Validates a Release.
     pub fn parse(r: pb::ReleaseRequest) -> Result<Self> {
+        let keep_until = match r.keep_until {
+            None => None,
+            Some(t) if (0..1_000_000_000).contains(&t.nanos) => Some(
+                t.seconds
+                    .saturating_mul(1000)
+                    .saturating_add(i64::from(t.nanos / 1_000_000)),
+            ),
+            Some(_) => return Err(Error::invalid("keep_until", "must be a valid timestamp")),
+        };
+        let min_hold = match &r.min_hold {
+            Some(d) => duration("min_hold", d)?,
+            None => Duration::ZERO,
+        };
         Ok(Self {
             resource: resource(r.resource)?,
             token: required_token(r.token)?,
+            keep_until,
+            min_hold,
         })
     }
 }
@@ -230,6 +306,67 @@ impl Extend {
             token,
             ttl: ttl("ttl", d, limits.max_ttl)?,
             replace_ttl: r.replace_ttl,
+        })
+    }
+}
+
+impl List {
+    /// Validates a ListLocks.
+    pub fn parse(r: pb::ListLocksRequest) -> Result<Self> {
+        let page_size = match r.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n <= MAX_PAGE_SIZE => n,
+            n => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE_SIZE} (got {n})"),
+                ));
+            }
+        };
+        Ok(Self {
+            prefix: prefix("prefix", r.prefix)?,
+            page_size: page_size as usize,
+            page_token: r.page_token,
+        })
+    }
+}
+
+impl WatchScope {
+    /// Validates a Watch: exactly one of `resource` and `prefix`.
+    pub fn parse(r: pb::WatchRequest) -> Result<Self> {
+        match (r.resource.is_empty(), r.prefix.is_empty()) {
+            (false, true) => Ok(Self::Resource(resource(r.resource)?)),
+            (true, false) => Ok(Self::Prefix(prefix("prefix", r.prefix)?)),
+            (true, true) => Err(Error::invalid(
+                "resource",
+                "give exactly one of `resource` and `prefix` (both are empty)",
+            )),
+            (false, false) => Err(Error::invalid(
+                "resource",
+                "give exactly one of `resource` and `prefix` (both are set)",
+            )),
+        }
+    }
+
+    /// True when events of `resource` belong to this watch.
+    pub fn covers(&self, r: &str) -> bool {
+        match self {
+            Self::Resource(name) => name == r,
+            Self::Prefix(p) => r.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl KeptLease {
+    /// Validates a lease named in a KeepAlive message.
+    pub fn parse(r: pb::LeaseRef, limits: &Limits) -> Result<Self> {
+        Ok(Self {
+            resource: resource(r.resource)?,
+            token: required_token(r.token)?,
+            ttl: match &r.ttl {
+                Some(d) => ttl("ttl", d, limits.max_ttl)?,
+                None => limits.default_ttl,
+            },
         })
     }
 }

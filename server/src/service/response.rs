@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use lockd_proto::v1 as pb;
 
-use crate::lock::{AcquireOutcome, Lease, LeaseStatus, LockInfo, UnixMillis};
+use crate::lock::{AcquireOutcome, EventKind, Lease, LeaseStatus, LockEvent, LockInfo, UnixMillis};
 
 pub fn timestamp(ms: UnixMillis) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -58,11 +58,27 @@ pub fn acquire(outcome: AcquireOutcome) -> pb::AcquireResponse {
             lease: Some(lease(l)),
             holder: None,
         },
-        AcquireOutcome::Held(h) => pb::AcquireResponse {
+        AcquireOutcome::Busy(b) => pb::AcquireResponse {
             acquired: false,
             lease: None,
-            holder: Some(lock_info(h)),
+            holder: b.holder.map(lock_info),
         },
+    }
+}
+
+pub fn event(e: &LockEvent) -> pb::LockEvent {
+    pb::LockEvent {
+        r#type: match e.kind {
+            EventKind::Acquired => pb::LockEventType::Acquired,
+            EventKind::Extended => pb::LockEventType::Extended,
+            EventKind::Released => pb::LockEventType::Released,
+            EventKind::Expired => pb::LockEventType::Expired,
+        } as i32,
+        resource: e.resource.clone(),
+        owner: e.owner.clone(),
+        fencing_token: e.fencing_token,
+        time: Some(timestamp(e.time)),
+        expires_at: e.expires_at.map(timestamp),
     }
 }
 

@@ -1,43 +1,185 @@
--- acquire.lua: one attempt to take the lock on a resource (Backend::acquire).
+-- acquire.lua: one attempt to take a lock or a semaphore slot (Backend::acquire).
 --
--- KEYS[1]  the lock hash  <prefix>:{<resource>}, fields:
---            t = token (the secret), o = owner, f = fencing token, a = acquired-at (ms since epoch),
---            l:<name> = one field per label. The hash carries the lease's TTL.
+-- KEYS[1]  the lock hash  <prefix>:{<resource>}. Its TTL is that of its longest lease.
+--            A mutex has the fields t = token (the secret), o = owner, f = fencing token,
+--            a = acquired-at (ms since epoch), l:<name> = one field per label, and r = 1 once
+--            released with a minimum hold (the lease then only waits out its TTL).
+--            A semaphore has n = its limit and, per holder token T: f:T, a:T, o:T, e:T (expiry,
+--            ms since epoch), g:T (labels, cjson array name1, value1, ...), r:T (as above).
 -- KEYS[2]  the fencing counter  <prefix>:{<resource>}:fence, an integer that never expires.
+-- KEYS[3]  the fair queue  <prefix>:{<resource>}:queue, a sorted set: waiter id -> arrival ms.
+-- KEYS[4]  the fair queue's liveness  <prefix>:{<resource>}:qexp, a hash: waiter id -> the ms
+--            after which the entry is stale (its lockd stopped refreshing it).
 -- ARGV[1]  token of the caller
 -- ARGV[2]  TTL in milliseconds
--- ARGV[3]  owner (free text)
--- ARGV[4], ARGV[5], ...  label name, label value, ... (pairs, possibly none)
+-- ARGV[3]  owner (free text, no control characters)
+-- ARGV[4]  limit: 1 for a mutex, more for a semaphore
+-- ARGV[5]  fair waiter id, or '' when not waiting fairly
+-- ARGV[6]  how long a fair queue entry stays live without a refresh, in ms
+-- ARGV[7]  the events channel <prefix>:events (for Watch)
+-- ARGV[8]  the resource name (for the event)
+-- ARGV[9], ARGV[10], ...  label name, label value, ... (pairs, possibly none)
 --
+-- A holder is described as: fencing token, acquired-at, remaining ms, owner, 2 x number of
+-- labels, then the label names and values.
 -- Returns, with now = Redis TIME in ms:
---   {1, fencing token, acquired-at, now}   granted; also when ARGV[1] already holds the lock, in
---                                           which case the TTL is refreshed and the fencing token kept
---   {0, fencing token, acquired-at, now, remaining ms, owner, name1, value1, ...}
---                                           held by another token (the holder, without its token)
+--   {1, fencing token, now}      granted; also when ARGV[1] already holds it, in which case the
+--                                TTL is refreshed and the fencing token kept
+--   {0, now, limit, holders, retry ms, [holder]}
+--                                not granted: the holder count, the ms until the first lease
+--                                ends (-1 if none), and the first holder when there is one
+--   {-2, limit}                  the resource exists with another limit (mutex vs semaphore)
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local held = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o')
-if held[1] then
-  if held[1] == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, tonumber(held[2]), tonumber(held[3]), now}
+local token, ttl, limit, waiter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4]), ARGV[5]
+
+-- The live head of the fair queue, dropping entries whose lockd stopped refreshing them.
+local function queue_head()
+  while true do
+    local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    if not head then
+      return nil
+    end
+    if tonumber(redis.call('HGET', KEYS[4], head) or '0') > now then
+      return head
+    end
+    redis.call('ZREM', KEYS[3], head)
+    redis.call('HDEL', KEYS[4], head)
   end
-  local reply = {0, tonumber(held[2]), tonumber(held[3]), now, redis.call('PTTL', KEYS[1]), held[4]}
-  local fields = redis.call('HGETALL', KEYS[1])
-  for i = 1, #fields, 2 do
-    if string.sub(fields[i], 1, 2) == 'l:' then
-      reply[#reply + 1] = string.sub(fields[i], 3)
-      reply[#reply + 1] = fields[i + 1]
+end
+
+-- May the caller take a free slot, given the fair queue? Fair waiters join the queue.
+local function queue_allows()
+  local head = queue_head()
+  if head == nil or head == waiter then
+    return true
+  end
+  if waiter ~= '' then
+    local qttl = tonumber(ARGV[6])
+    redis.call('ZADD', KEYS[3], 'NX', now, waiter)
+    redis.call('HSET', KEYS[4], waiter, now + qttl)
+    redis.call('PEXPIRE', KEYS[3], qttl * 2)
+    redis.call('PEXPIRE', KEYS[4], qttl * 2)
+  end
+  return false
+end
+
+local function leave_queue()
+  if waiter ~= '' then
+    redis.call('ZREM', KEYS[3], waiter)
+    redis.call('HDEL', KEYS[4], waiter)
+  end
+end
+
+local function event(kind, owner, fence, expires)
+  redis.call('PUBLISH', ARGV[7], kind .. '\n' .. ARGV[8] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now .. '\n' .. expires)
+end
+
+local function labels_from_argv()
+  local labels = {}
+  for i = 9, #ARGV do
+    labels[#labels + 1] = ARGV[i]
+  end
+  return labels
+end
+
+local existing = redis.call('HGET', KEYS[1], 'n')
+if limit == 1 then
+  if existing then
+    return {-2, tonumber(existing)}
+  end
+  local held = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r')
+  if held[1] then
+    if held[1] == token and not held[5] then
+      redis.call('PEXPIRE', KEYS[1], ttl)
+      leave_queue()
+      event('E', held[4], held[2], now + ttl)
+      return {1, tonumber(held[2]), now}
+    end
+    local remaining = redis.call('PTTL', KEYS[1])
+    queue_allows()
+    local reply = {0, now, 1, 1, remaining, tonumber(held[2]), tonumber(held[3]), remaining, held[4], 0}
+    local fields = redis.call('HGETALL', KEYS[1])
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, 2) == 'l:' then
+        reply[#reply + 1] = string.sub(fields[i], 3)
+        reply[#reply + 1] = fields[i + 1]
+        reply[10] = reply[10] + 2
+      end
+    end
+    return reply
+  end
+  if not queue_allows() then
+    return {0, now, 1, 0, -1}
+  end
+  leave_queue()
+  local fence = redis.call('INCR', KEYS[2])
+  local hash = {'t', token, 'o', ARGV[3], 'f', fence, 'a', now}
+  for i = 9, #ARGV, 2 do
+    hash[#hash + 1] = 'l:' .. ARGV[i]
+    hash[#hash + 1] = ARGV[i + 1]
+  end
+  redis.call('HSET', KEYS[1], unpack(hash))
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  event('A', ARGV[3], fence, now + ttl)
+  return {1, fence, now}
+end
+
+-- A semaphore.
+if existing == false and redis.call('EXISTS', KEYS[1]) == 1 then
+  return {-2, 1}
+end
+if existing and tonumber(existing) ~= limit then
+  return {-2, tonumber(existing)}
+end
+-- Drop expired holders; find the caller, the longest expiry and the first holder.
+local fields = redis.call('HGETALL', KEYS[1])
+local count, latest, soonest, first = 0, 0, nil, nil
+for i = 1, #fields, 2 do
+  local name = fields[i]
+  if string.sub(name, 1, 2) == 'e:' then
+    local tok, exp = string.sub(name, 3), tonumber(fields[i + 1])
+    if exp <= now then
+      redis.call('HDEL', KEYS[1], 'e:' .. tok, 'f:' .. tok, 'a:' .. tok, 'o:' .. tok, 'g:' .. tok, 'r:' .. tok)
+    else
+      count = count + 1
+      latest = math.max(latest, exp)
+      if soonest == nil or exp < soonest then
+        soonest = exp
+      end
+      local fence = tonumber(redis.call('HGET', KEYS[1], 'f:' .. tok))
+      if first == nil or fence < first[1] then
+        first = {fence, tok, exp}
+      end
     end
   end
-  return reply
 end
-local fence = redis.call('INCR', KEYS[2])
-local hash = {'t', ARGV[1], 'o', ARGV[3], 'f', fence, 'a', now}
-for i = 4, #ARGV, 2 do
-  hash[#hash + 1] = 'l:' .. ARGV[i]
-  hash[#hash + 1] = ARGV[i + 1]
+local mine = redis.call('HMGET', KEYS[1], 'e:' .. token, 'f:' .. token, 'o:' .. token, 'r:' .. token)
+if mine[1] and tonumber(mine[1]) > now and not mine[4] then
+  redis.call('HSET', KEYS[1], 'e:' .. token, now + ttl)
+  redis.call('PEXPIREAT', KEYS[1], math.max(latest, now + ttl))
+  leave_queue()
+  event('E', mine[3], mine[2], now + ttl)
+  return {1, tonumber(mine[2]), now}
 end
-redis.call('HSET', KEYS[1], unpack(hash))
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, fence, now, now}
+local allowed = queue_allows() -- called first: a fair waiter joins the queue even when full
+if count < limit and allowed then
+  leave_queue()
+  local fence = redis.call('INCR', KEYS[2])
+  redis.call('HSET', KEYS[1], 'n', limit, 'f:' .. token, fence, 'a:' .. token, now,
+    'o:' .. token, ARGV[3], 'e:' .. token, now + ttl, 'g:' .. token, cjson.encode(labels_from_argv()))
+  redis.call('PEXPIREAT', KEYS[1], math.max(latest, now + ttl))
+  event('A', ARGV[3], fence, now + ttl)
+  return {1, fence, now}
+end
+if count == 0 then
+  return {0, now, limit, 0, -1}
+end
+local tok = first[2]
+local h = redis.call('HMGET', KEYS[1], 'a:' .. tok, 'o:' .. tok, 'g:' .. tok)
+local labels = cjson.decode(h[3] or '[]')
+local reply = {0, now, limit, count, soonest - now, first[1], tonumber(h[1]), first[3] - now, h[2], #labels}
+for i = 1, #labels do
+  reply[#reply + 1] = labels[i]
+end
+return reply

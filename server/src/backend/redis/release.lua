@@ -1,18 +1,72 @@
--- release.lua: free the lock if the caller's token holds it (Backend::release).
+-- release.lua: free a lease the caller's token holds, at once or after a minimum hold
+-- (Backend::release).
 --
 -- KEYS[1]  the lock hash  <prefix>:{<resource>} (see acquire.lua for its fields)
+-- KEYS[2]  the fair queue  <prefix>:{<resource>}:queue (see acquire.lua)
 -- ARGV[1]  token of the caller
--- ARGV[2]  the wake-up channel, <prefix>:released, that every lockd subscribes to once
--- ARGV[3]  the resource name, published on ARGV[2] so waiters on it are woken
+-- ARGV[2]  the wake-up channel <prefix>:released, which every lockd subscribes to once
+-- ARGV[3]  the events channel <prefix>:events (for Watch)
+-- ARGV[4]  the resource name
+-- ARGV[5]  keep the lease until this time (ms since epoch), or 0
+-- ARGV[6]  keep the lease at least this long after it was acquired (ms), or 0
+-- ARGV[7]  the longest a minimum hold may last from now (ms): the server's maximum TTL
 --
--- Returns 1 released, 0 not held (free or expired), -1 held by another token (nothing changed).
-local t = redis.call('HGET', KEYS[1], 't')
-if not t then
-  return 0
+-- Publishes "<resource>\n<fair queue head or empty>" on ARGV[2] so the right waiter is woken.
+-- Returns {1, frees-at ms} released (frees-at is now, or the minimum-hold point),
+--         {0} not held (free, expired, or already released), {-1} held by another token.
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local token = ARGV[1]
+local semaphore = redis.call('HGET', KEYS[1], 'n')
+local fence, acquired, owner, lingering
+if semaphore then
+  local h = redis.call('HMGET', KEYS[1], 'f:' .. token, 'a:' .. token, 'o:' .. token, 'r:' .. token, 'e:' .. token)
+  if not h[1] or tonumber(h[5]) <= now then
+    return {0}
+  end
+  fence, acquired, owner, lingering = h[1], tonumber(h[2]), h[3], h[4]
+else
+  local h = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r')
+  if not h[1] then
+    return {0}
+  end
+  if h[1] ~= token then
+    return {-1}
+  end
+  fence, acquired, owner, lingering = h[2], tonumber(h[3]), h[4], h[5]
 end
-if t ~= ARGV[1] then
-  return -1
+if lingering then
+  return {0}
 end
-redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
+local frees_at = math.max(tonumber(ARGV[5]), acquired + tonumber(ARGV[6]))
+frees_at = math.min(frees_at, now + tonumber(ARGV[7]))
+if frees_at > now then
+  if semaphore then
+    redis.call('HSET', KEYS[1], 'r:' .. token, 1, 'e:' .. token, frees_at)
+    local latest = frees_at
+    local fields = redis.call('HGETALL', KEYS[1])
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, 2) == 'e:' then
+        latest = math.max(latest, tonumber(fields[i + 1]))
+      end
+    end
+    redis.call('PEXPIREAT', KEYS[1], latest)
+  else
+    redis.call('HSET', KEYS[1], 'r', 1)
+    redis.call('PEXPIREAT', KEYS[1], frees_at)
+  end
+else
+  frees_at = now
+  if semaphore then
+    redis.call('HDEL', KEYS[1], 'e:' .. token, 'f:' .. token, 'a:' .. token, 'o:' .. token, 'g:' .. token, 'r:' .. token)
+    if redis.call('HLEN', KEYS[1]) <= 1 then
+      redis.call('DEL', KEYS[1])
+    end
+  else
+    redis.call('DEL', KEYS[1])
+  end
+end
+local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1] or ''
+redis.call('PUBLISH', ARGV[2], ARGV[4] .. '\n' .. head)
+redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now .. '\n' .. frees_at)
+return {1, frees_at}

@@ -5,7 +5,7 @@
 
 use deadpool_redis::redis::Script;
 
-/// The four scripts; see each `.lua` file's header for its KEYS, ARGV and reply.
+/// The scripts; see each `.lua` file's header for its KEYS, ARGV and reply.
 #[derive(Debug)]
 pub struct Scripts {
     /// `acquire.lua`: take the lock or report the holder.
@@ -14,8 +14,10 @@ pub struct Scripts {
     pub release: Script,
     /// `extend.lua`: compare the token, lengthen the TTL.
     pub extend: Script,
-    /// `inspect.lua`: the holder without its token.
+    /// `inspect.lua`: the holders without their tokens.
     pub inspect: Script,
+    /// `dequeue.lua`: a fair waiter leaves the queue.
+    pub dequeue: Script,
 }
 
 impl Scripts {
@@ -26,6 +28,7 @@ impl Scripts {
             release: Script::new(include_str!("release.lua")),
             extend: Script::new(include_str!("extend.lua")),
             inspect: Script::new(include_str!("inspect.lua")),
+            dequeue: Script::new(include_str!("dequeue.lua")),
         }
     }
 }
