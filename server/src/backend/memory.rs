@@ -155,14 +155,16 @@ impl State {
             .map(|(id, _)| id.as_str())
     }
 
-    /// May `fair` (or a non-fair caller) take a free slot? A fair waiter that may not joins the
-    /// queue, or refreshes its place.
+    /// May `fair` (or a non-fair caller, `None`) take a free slot, given the fair queue?
     fn queue_allows(&mut self, resource: &str, fair: Option<&str>, now: Now) -> bool {
         match self.queue_head(resource, now) {
-            None => return true,
-            Some(head) if Some(head) == fair => return true,
-            Some(_) => {}
+            None => true,
+            Some(head) => Some(head) == fair,
         }
+    }
+
+    /// A fair waiter that is not granted joins the queue, or refreshes its place in it.
+    fn enqueue(&mut self, resource: &str, fair: Option<&str>, now: Now) {
         if let Some(id) = fair {
             let queue = self.queues.entry(resource.to_owned()).or_default();
             let live = now.instant + FAIR_ENTRY_TTL;
@@ -171,7 +173,6 @@ impl State {
                 None => queue.push_back((id.to_owned(), live)),
             }
         }
-        false
     }
 
     fn leave_queue(&mut self, resource: &str, fair: Option<&str>) {
@@ -307,6 +308,7 @@ impl Backend for MemoryBackend {
                 .push(holder);
             return Ok(AcquireOutcome::Acquired(lease));
         }
+        state.enqueue(&p.resource, p.fair.as_deref(), now);
         let entry = state.locks.get(&p.resource);
         let first = entry.and_then(|e| e.holders.iter().min_by_key(|h| h.fencing_token));
         Ok(AcquireOutcome::Busy(Busy {

@@ -48,12 +48,14 @@ local function queue_head()
   end
 end
 
--- May the caller take a free slot, given the fair queue? Fair waiters join the queue.
+-- May the caller take a free slot, given the fair queue?
 local function queue_allows()
   local head = queue_head()
-  if head == nil or head == waiter then
-    return true
-  end
+  return head == nil or head == waiter
+end
+
+-- A fair waiter that is not granted joins the queue, or refreshes its place in it.
+local function enqueue()
   if waiter ~= '' then
     local qttl = tonumber(ARGV[6])
     redis.call('ZADD', KEYS[3], 'NX', now, waiter)
@@ -61,7 +63,6 @@ local function queue_allows()
     redis.call('PEXPIRE', KEYS[3], qttl * 2)
     redis.call('PEXPIRE', KEYS[4], qttl * 2)
   end
-  return false
 end
 
 local function leave_queue()
@@ -97,7 +98,7 @@ if limit == 1 then
       return {1, tonumber(held[2]), now}
     end
     local remaining = redis.call('PTTL', KEYS[1])
-    queue_allows()
+    enqueue()
     local reply = {0, now, 1, 1, remaining, tonumber(held[2]), tonumber(held[3]), remaining, held[4], 0}
     local fields = redis.call('HGETALL', KEYS[1])
     for i = 1, #fields, 2 do
@@ -110,6 +111,7 @@ if limit == 1 then
     return reply
   end
   if not queue_allows() then
+    enqueue()
     return {0, now, 1, 0, -1}
   end
   leave_queue()
@@ -162,8 +164,7 @@ if mine[1] and tonumber(mine[1]) > now and not mine[4] then
   event('E', mine[3], mine[2], now + ttl)
   return {1, tonumber(mine[2]), now}
 end
-local allowed = queue_allows() -- called first: a fair waiter joins the queue even when full
-if count < limit and allowed then
+if count < limit and queue_allows() then
   leave_queue()
   local fence = redis.call('INCR', KEYS[2])
   redis.call('HSET', KEYS[1], 'n', limit, 'f:' .. token, fence, 'a:' .. token, now,
@@ -172,6 +173,7 @@ if count < limit and allowed then
   event('A', ARGV[3], fence, now + ttl)
   return {1, fence, now}
 end
+enqueue()
 if count == 0 then
   return {0, now, limit, 0, -1}
 end
