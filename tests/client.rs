@@ -311,7 +311,7 @@ async fn lost_fires_when_the_lease_is_taken_away() {
     // The next renewal (within a third of the TTL) answers NOT_HELD.
     let reason = timeout(Duration::from_secs(2), lost).await.unwrap();
     assert_eq!(reason, LostReason::NotHeld);
-    assert!(deleted_at.elapsed() < Duration::from_millis(1000));
+    assert!(deleted_at.elapsed() < Duration::from_millis(1200));
     assert!(guard.is_lost());
     assert!(!guard.release().await.unwrap());
 }
@@ -344,7 +344,7 @@ async fn lost_fires_by_the_deadline_when_redis_is_gone() {
     let reason = timeout(Duration::from_secs(3), guard.lost()).await.unwrap();
     assert_eq!(reason, LostReason::Expired);
     let at = acquired_at.elapsed();
-    assert!(at <= ttl + 100 * MS, "lost only after {at:?}");
+    assert!(at <= ttl + 500 * MS, "lost only after {at:?}");
     assert!(at >= ttl / 3, "lost too early: {at:?}");
 }
 
@@ -419,6 +419,41 @@ async fn run_exclusive_cancels_the_job_when_the_lock_is_lost() {
     assert!(start.elapsed() < Duration::from_secs(2));
     sleep(200 * MS).await;
     assert!(!finished.load(Ordering::SeqCst), "the job kept running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_exclusive_with_min_hold_keeps_the_lock_after_a_quick_job() {
+    let setup = redis_setup().await;
+    let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);
+    let start = Instant::now();
+    let outcome = a
+        .lock_options("tick")
+        .ttl(Duration::from_secs(5))
+        .min_hold(Duration::from_millis(1500))
+        .run(|_| async { sleep(50 * MS).await })
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Ran(()));
+
+    // A late instance's tick finds the lock still held...
+    assert!(
+        !b.try_lock("tick", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_acquired()
+    );
+    // ...until the minimum hold has passed.
+    let later = acquired(
+        b.lock("tick", Duration::from_secs(5), Duration::from_secs(4))
+            .await
+            .unwrap(),
+    );
+    let at = start.elapsed();
+    assert!(
+        at >= Duration::from_millis(1400) && at < Duration::from_millis(3000),
+        "free again at {at:?}"
+    );
+    later.release().await.unwrap();
 }
 
 // ---- retries and tokens ----

@@ -408,7 +408,7 @@ impl LockClient {
                 Ok(reply) => reply,
                 Err(error) => {
                     if !matches!(error, Error::InvalidArgument(_)) {
-                        release_in_background(self, &resource, &token);
+                        release_in_background(self, &resource, &token, None);
                     }
                     return Err(error);
                 }
@@ -441,7 +441,7 @@ impl LockClient {
                         return Ok(TryLock::Held(None));
                     }
                     Err(error) => {
-                        release_in_background(self, &resource, &token);
+                        release_in_background(self, &resource, &token, None);
                         return Err(error);
                     }
                 }
@@ -460,15 +460,17 @@ impl LockClient {
                 hold_until: options.max_hold.map(|max_hold| sent + max_hold),
                 state: state_tx,
             });
-            return Ok(TryLock::Acquired(LockGuard::new(
-                self.clone(),
+            return Ok(TryLock::Acquired(LockGuard {
+                client: self.clone(),
                 resource,
                 token,
-                lease.fencing_token,
+                fencing_token: lease.fencing_token,
                 ttl,
-                state_rx,
+                min_hold: options.min_hold,
+                state: state_rx,
                 renewal,
-            )));
+                armed: true,
+            }));
         }
     }
 
@@ -560,14 +562,26 @@ impl LockClient {
         Ok(Some((granted, lease.expires_at.and_then(from_timestamp))))
     }
 
-    /// Releases `token`'s lease, retrying `UNAVAILABLE`: whether it was still held.
-    pub(crate) async fn release(&self, resource: &str, token: &Token) -> Result<bool, Error> {
-        self.release_with(resource, token, &self.config.retry).await
+    /// Releases `token`'s lease (keeping it `min_hold` after the grant), retrying
+    /// `UNAVAILABLE`: whether it was still held.
+    pub(crate) async fn release(
+        &self,
+        resource: &str,
+        token: &Token,
+        min_hold: Option<Duration>,
+    ) -> Result<bool, Error> {
+        self.release_with(resource, token, min_hold, &self.config.retry)
+            .await
     }
 
-    /// Releases `token`'s lease with one attempt: whether it was still held.
-    pub(crate) async fn release_once(&self, resource: &str, token: &Token) -> Result<bool, Error> {
-        self.release_with(resource, token, &RetryPolicy::none())
+    /// [`release`](Self::release) with one attempt.
+    pub(crate) async fn release_once(
+        &self,
+        resource: &str,
+        token: &Token,
+        min_hold: Option<Duration>,
+    ) -> Result<bool, Error> {
+        self.release_with(resource, token, min_hold, &RetryPolicy::none())
             .await
     }
 
@@ -579,6 +593,7 @@ impl LockClient {
         &self,
         resource: &str,
         token: &Token,
+        min_hold: Option<Duration>,
         retry: &RetryPolicy,
     ) -> Result<bool, Error> {
         let reply = retry
@@ -587,6 +602,7 @@ impl LockClient {
                     ReleaseRequest {
                         resource: resource.to_owned(),
                         token: token.0.clone(),
+                        min_hold: min_hold.map(to_proto_duration),
                         ..Default::default()
                     },
                     Duration::ZERO,

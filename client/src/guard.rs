@@ -61,46 +61,32 @@ pub struct LeaseInfo {
 /// - **Deadline.** The local deadline is counted from the moment the last successful grant or
 ///   renewal was *sent* plus the TTL it granted, so it never falls after the server's expiry
 ///   (clock rates aside).
+/// - **Minimum hold.** With [`LockOptions::min_hold`](crate::LockOptions::min_hold), every
+///   release asks lockd to keep the lock until that time after the grant.
 /// - **Maximum hold.** With [`LockOptions::max_hold`](crate::LockOptions::max_hold), renewals
 ///   never extend the lease past that time after the grant.
 ///
 /// Its `Debug` output never shows the token.
 #[must_use = "dropping a LockGuard releases the lock at once"]
 pub struct LockGuard {
-    client: LockClient,
-    resource: String,
-    token: Token,
-    fencing_token: u64,
-    ttl: Duration,
-    state: watch::Receiver<LeaseState>,
+    /// Releases the lease; a clone of the client that acquired it.
+    pub(crate) client: LockClient,
+    pub(crate) resource: String,
+    pub(crate) token: Token,
+    pub(crate) fencing_token: u64,
+    /// The TTL renewals ask for.
+    pub(crate) ttl: Duration,
+    /// Sent with every release: the lock stays held at least this long after the grant.
+    pub(crate) min_hold: Option<Duration>,
+    /// Fed by the renewal task: expiry and loss.
+    pub(crate) state: watch::Receiver<LeaseState>,
     /// Aborts the renewal task; called on release and on drop.
-    renewal: AbortHandle,
+    pub(crate) renewal: AbortHandle,
     /// Whether dropping the guard should still release the lease (false once `release` ran).
-    armed: bool,
+    pub(crate) armed: bool,
 }
 
 impl LockGuard {
-    pub(crate) fn new(
-        client: LockClient,
-        resource: String,
-        token: Token,
-        fencing_token: u64,
-        ttl: Duration,
-        state: watch::Receiver<LeaseState>,
-        renewal: AbortHandle,
-    ) -> Self {
-        Self {
-            client,
-            resource,
-            token,
-            fencing_token,
-            ttl,
-            state,
-            renewal,
-            armed: true,
-        }
-    }
-
     /// The locked resource.
     pub fn resource(&self) -> &str {
         &self.resource
@@ -161,7 +147,10 @@ impl LockGuard {
     /// then ends by its TTL, since renewal has stopped.
     pub async fn release(mut self) -> Result<bool, Error> {
         self.renewal.abort();
-        let result = self.client.release(&self.resource, &self.token).await;
+        let result = self
+            .client
+            .release(&self.resource, &self.token, self.min_hold)
+            .await;
         // Whatever the answer, the drop must not release again. If this future is cancelled
         // before here, the drop does the release instead.
         self.armed = false;
@@ -173,7 +162,7 @@ impl Drop for LockGuard {
     fn drop(&mut self) {
         self.renewal.abort();
         if self.armed {
-            release_in_background(&self.client, &self.resource, &self.token);
+            release_in_background(&self.client, &self.resource, &self.token, self.min_hold);
         }
     }
 }
@@ -195,13 +184,18 @@ impl fmt::Debug for LockGuard {
 /// Releases `token`'s lease on a background task, once, if a tokio runtime is running; errors
 /// are ignored (the TTL is the backstop). Used by the guard's drop and after a failed acquire
 /// whose reply may have been lost.
-pub(crate) fn release_in_background(client: &LockClient, resource: &str, token: &Token) {
+pub(crate) fn release_in_background(
+    client: &LockClient,
+    resource: &str,
+    token: &Token,
+    min_hold: Option<Duration>,
+) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
     let (client, resource, token) = (client.clone(), resource.to_owned(), token.clone());
     runtime.spawn(async move {
-        if let Err(error) = client.release_once(&resource, &token).await {
+        if let Err(error) = client.release_once(&resource, &token, min_hold).await {
             tracing::debug!(%resource, %error, "background release failed; the lease ends by its TTL");
         }
     });

@@ -38,6 +38,7 @@ pub struct LockOptions {
     pub(crate) labels: HashMap<String, String>,
     pub(crate) token: Option<String>,
     pub(crate) max_hold: Option<Duration>,
+    pub(crate) min_hold: Option<Duration>,
 }
 
 impl Default for LockOptions {
@@ -49,6 +50,7 @@ impl Default for LockOptions {
             labels: HashMap::new(),
             token: None,
             max_hold: None,
+            min_hold: None,
         }
     }
 }
@@ -111,6 +113,16 @@ impl LockOptions {
     /// [`LostReason::MaxHold`](crate::LostReason::MaxHold) when the lease runs out.
     pub fn max_hold(mut self, max_hold: Duration) -> Self {
         self.max_hold = Some(max_hold);
+        self
+    }
+
+    /// The shortest time the lock stays held, counted from the grant (ShedLock's
+    /// `lockAtLeastFor`; default: none). Every release of the lease (explicit, on drop, or at
+    /// the end of [`LockClient::run_exclusive_with`]) asks lockd to keep the lock until then,
+    /// so a job that finishes in 50 ms is not run again by an instance whose timer is a
+    /// little late.
+    pub fn min_hold(mut self, min_hold: Duration) -> Self {
+        self.min_hold = Some(min_hold);
         self
     }
 }
@@ -200,6 +212,12 @@ impl<'c> LockRequest<'c> {
     /// See [`LockOptions::max_hold`].
     pub fn max_hold(mut self, max_hold: Duration) -> Self {
         self.options = self.options.max_hold(max_hold);
+        self
+    }
+
+    /// See [`LockOptions::min_hold`].
+    pub fn min_hold(mut self, min_hold: Duration) -> Self {
+        self.options = self.options.min_hold(min_hold);
         self
     }
 
