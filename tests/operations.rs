@@ -232,4 +232,43 @@ async fn operator_can_list_and_use_the_service_with_grpcurl() {
     );
     let described = grpcurl(&["-plaintext", &addr, "describe", "lockd.v1.AcquireRequest"]);
     assert!(described.contains("wait_timeout"), "{described}");
+    let listed = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"prefix": "nightly"}"#,
+        &addr,
+        "lockd.v1.LockService/ListLocks",
+    ]);
+    assert!(listed.contains(r#""resource": "nightly-scan""#), "{listed}");
+    assert!(
+        !listed.contains("test-"),
+        "ListLocks must not show tokens: {listed}"
+    );
+
+    // Watch through grpcurl: it prints the events until its deadline ends the stream.
+    let watch_addr = addr.clone();
+    let watcher = tokio::task::spawn_blocking(move || {
+        Command::new("grpcurl")
+            .args([
+                "-plaintext",
+                "-max-time",
+                "3",
+                "-d",
+                r#"{"prefix": "nightly"}"#,
+            ])
+            .args([watch_addr.as_str(), "lockd.v1.LockService/Watch"])
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut c = lockd.client().await;
+    let lease = acquire_ok(&mut c, "nightly-report", 30.0).await;
+    let out = watcher.await.unwrap();
+    let events = String::from_utf8_lossy(&out.stdout);
+    assert!(events.contains("LOCK_EVENT_TYPE_ACQUIRED"), "{events}");
+    assert!(
+        events.contains(r#""resource": "nightly-report""#),
+        "{events}"
+    );
+    assert!(!events.contains(&lease.token));
 }

@@ -57,15 +57,17 @@ crate::conformance! {
         let mut events = watch(&mut c, "job-1", "").await;
         let mut req = acquire_req("job-1", 30.0);
         req.owner = "scheduler-1".into();
+        let sent = Instant::now();
         let lease = c.acquire(req).await.unwrap().into_inner().lease.unwrap();
+        let e = next_event(&mut events).await;
+        eprintln!("watch: acquired event {:?} after the Acquire was sent", sent.elapsed());
+        assert_eq!((e.r#type(), e.owner.as_str(), e.fencing_token), (LockEventType::Acquired, "scheduler-1", lease.fencing_token));
         extend(&mut c, &lease, 10.0, false).await;
         release(&mut c, &lease).await;
         let second = acquire_ok(&mut c, "job-1", 0.3).await;
         // Another resource: not watched.
         acquire_ok(&mut c, "job-2", 30.0).await;
 
-        let e = next_event(&mut events).await;
-        assert_eq!((e.r#type(), e.owner.as_str(), e.fencing_token), (LockEventType::Acquired, "scheduler-1", lease.fencing_token));
         assert_eq!(e.resource, "job-1");
         assert!(e.expires_at.is_some() && e.time.is_some());
         let e = next_event(&mut events).await;
@@ -78,7 +80,7 @@ crate::conformance! {
         let e = next_event(&mut events).await;
         assert_eq!(e.r#type(), LockEventType::Expired);
         assert_eq!((e.resource.as_str(), e.fencing_token), ("job-1", second.fencing_token));
-        eprintln!("expiry event {:?} after the last acquire event", started.elapsed());
+        eprintln!("watch: expired event {:?} after the grant of a 300 ms lease", started.elapsed());
         assert!(!format!("{e:?}").contains(&lease.token));
     }
 
