@@ -56,6 +56,40 @@ async fn lock_field(setup: &Setup, resource: &str, field: &str) -> Option<String
         .unwrap()
 }
 
+/// The lockd log lines (colours removed) with message `what` (such as `extend`, `release` or
+/// `keepalive`) about `resource`.
+fn log_lines(setup: &Setup, resource: &str, what: &str) -> Vec<String> {
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in setup.lockd.log_text().chars() {
+        match c {
+            '\x1b' => in_escape = true,
+            'm' if in_escape => in_escape = false,
+            _ if !in_escape => plain.push(c),
+            _ => {}
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| l.contains(&format!(": {what} ")))
+        .filter(|l| {
+            l.split(' ')
+                .any(|field| field == format!("resource={resource}"))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until `guard` has been renewed at least once (its expiry moved).
+async fn wait_until_renewed(guard: &LockGuard) {
+    let first = guard.expires_at();
+    let start = Instant::now();
+    while guard.expires_at() == first {
+        assert!(start.elapsed() < Duration::from_secs(2), "never renewed");
+        sleep(5 * MS).await;
+    }
+}
+
 /// Polls `try_lock` until it succeeds or `limit` passes; returns the guard and the time taken.
 async fn acquire_within(
     client: &LockClient,
@@ -193,6 +227,11 @@ async fn guard_renews_so_a_job_longer_than_the_ttl_keeps_the_lock() {
     assert!(!guard.is_lost());
     assert_eq!(guard.fencing_token(), fence);
     assert!(guard.expires_at() > first_expiry + Duration::from_secs(1));
+    // Renewed by heartbeats on a KeepAlive stream: not one Extend call.
+    assert_eq!(
+        log_lines(&setup, "long-job", "extend"),
+        Vec::<String>::new()
+    );
     assert!(guard.release().await.unwrap());
 }
 
@@ -247,6 +286,113 @@ async fn cancelled_task_stops_renewal_and_the_lock_frees() {
         calls,
         "the cancelled task kept renewing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_task_frees_the_lock_at_once_because_its_keepalive_stream_ends() {
+    // The TTL is 30 s: only lockd's release of a lease whose stream ended explains a takeover
+    // within a second.
+    let setup = redis_setup().await;
+    let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);
+    let ttl = Duration::from_secs(30);
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let guard = acquired(a.try_lock("session-bound", ttl).await.unwrap());
+        got_tx.send(()).unwrap();
+        sleep(Duration::from_secs(3600)).await; // a stuck job
+        drop(guard);
+    });
+    got_rx.await.unwrap();
+    let waiter = tokio::spawn(async move {
+        let attempt = b
+            .lock("session-bound", ttl, Duration::from_secs(20))
+            .await
+            .unwrap();
+        (acquired(attempt), Instant::now())
+    });
+    sleep(500 * MS).await;
+    assert!(!waiter.is_finished(), "the waiter got the lock while held");
+
+    let aborted_at = Instant::now();
+    task.abort();
+    let (other, got_at) = timeout(Duration::from_secs(10), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    let took = got_at.duration_since(aborted_at);
+    eprintln!(
+        "session-bound: the waiter got the lock {took:?} after the holder's task was aborted (TTL {ttl:?})"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // Freed by lockd when the stream ended, not by a Release call.
+    let keepalive = log_lines(&setup, "session-bound", "keepalive");
+    assert!(
+        keepalive.iter().any(|l| l.contains("released_on_close")),
+        "{keepalive:?}"
+    );
+    assert_eq!(
+        log_lines(&setup, "session-bound", "release"),
+        Vec::<String>::new()
+    );
+    assert!(other.release().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_guard_with_min_hold_keeps_the_lock_until_the_minimum_hold() {
+    let setup = redis_setup().await;
+    let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);
+    let start = Instant::now();
+    let guard = acquired(
+        a.lock_options("quick-tick")
+            .ttl(Duration::from_secs(30))
+            .min_hold(Duration::from_millis(1500))
+            .acquire()
+            .await
+            .unwrap(),
+    );
+    drop(guard); // the job took no time at all
+
+    sleep(300 * MS).await;
+    assert!(
+        !b.try_lock("quick-tick", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_acquired(),
+        "the stream's end freed the lock before the minimum hold"
+    );
+    let later = acquired(
+        b.lock("quick-tick", Duration::from_secs(5), Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
+    let at = start.elapsed();
+    assert!(
+        at >= Duration::from_millis(1400) && at < Duration::from_millis(3000),
+        "free again at {at:?}"
+    );
+    later.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_survives_a_lockd_restart_by_opening_a_new_stream() {
+    let mut setup = redis_setup().await;
+    let a = lock_client(&setup).await;
+    let ttl = Duration::from_secs(3);
+    let guard = acquired(a.try_lock("restart", ttl).await.unwrap());
+    let fence = guard.fencing_token();
+    sleep(300 * MS).await;
+    // SIGKILL: lockd's sessions die without releasing anything, and the lease stays in Redis.
+    setup.lockd.restart().await;
+
+    // Past the TTL counted from before the restart: only renewals on a new stream explain this.
+    sleep(ttl + 500 * MS).await;
+    assert!(!guard.is_lost(), "lost: {:?}", guard);
+    let mut raw = setup.client().await;
+    assert_eq!(
+        owner(&mut raw, "restart").await.unwrap().fencing_token,
+        fence
+    );
+    assert!(guard.release().await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,6 +471,8 @@ async fn lost_fires_when_the_lease_is_taken_over_by_another_holder() {
             .await
             .unwrap(),
     );
+    // The guard's stream renews once at once; steal the lock between two heartbeats.
+    wait_until_renewed(&guard).await;
     delete_lock_key(&setup, "stolen").await;
     acquire_ok(&mut raw, "stolen", 30.0).await;
     let reason = timeout(Duration::from_secs(2), guard.lost()).await.unwrap();
@@ -547,4 +695,140 @@ async fn invalid_options_are_reported_not_retried() {
         Error::InvalidArgument(msg) => assert!(msg.contains("owner"), "{msg}"),
         other => panic!("expected InvalidArgument, got {other:?}"),
     }
+}
+
+// ---- semaphores, fair waiting, listing ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_makes_a_semaphore_whose_guards_each_renew() {
+    let setup = redis_setup().await;
+    let (a, b, c) = (
+        lock_client(&setup).await,
+        lock_client(&setup).await,
+        lock_client(&setup).await,
+    );
+    let ttl = Duration::from_secs(1);
+    async fn take(client: &LockClient, owner: &str) -> Result<TryLock, Error> {
+        client
+            .lock_options("pool")
+            .ttl(Duration::from_secs(1))
+            .limit(2)
+            .owner(owner)
+            .acquire()
+            .await
+    }
+    let first = acquired(take(&a, "a").await.unwrap());
+    let second = acquired(take(&b, "b").await.unwrap());
+    assert_ne!(first.fencing_token(), second.fencing_token());
+    let third = take(&c, "c").await.unwrap();
+    assert!(!third.is_acquired(), "a third holder of a semaphore of 2");
+
+    // Both kept alive past the TTL, each by its own stream.
+    sleep(Duration::from_millis(1500)).await;
+    assert!(!first.is_lost() && !second.is_lost());
+    let mut owners: Vec<String> = c
+        .holders("pool")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.owner)
+        .collect();
+    owners.sort();
+    assert_eq!(owners, ["a", "b"]);
+
+    // A mutex request on a semaphore is refused, not granted.
+    match c.try_lock("pool", ttl).await {
+        Err(Error::Rpc { code, .. }) => assert_eq!(code, tonic::Code::FailedPrecondition),
+        other => panic!("expected FAILED_PRECONDITION, got {other:?}"),
+    }
+
+    assert!(first.release().await.unwrap());
+    let third = acquired(take(&c, "c").await.unwrap());
+    assert_eq!(c.holders("pool").await.unwrap().len(), 2);
+    assert!(second.release().await.unwrap());
+    assert!(third.release().await.unwrap());
+    assert!(c.holders("pool").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_waiters_get_the_lock_in_arrival_order_and_newcomers_cannot_jump_the_queue() {
+    let setup = redis_setup().await;
+    let holder = lock_client(&setup).await;
+    let first = acquired(
+        holder
+            .try_lock("fifo", Duration::from_secs(30))
+            .await
+            .unwrap(),
+    );
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..5 {
+        let client = lock_client(&setup).await;
+        let order = order.clone();
+        waiters.push(tokio::spawn(async move {
+            let guard = acquired(
+                client
+                    .lock_options("fifo")
+                    .ttl(Duration::from_secs(30))
+                    .wait(Duration::from_secs(20))
+                    .fair(true)
+                    .acquire()
+                    .await
+                    .unwrap(),
+            );
+            order.lock().unwrap().push(i);
+            sleep(50 * MS).await;
+            assert!(guard.release().await.unwrap());
+        }));
+        sleep(100 * MS).await; // a clear arrival order
+    }
+    assert!(first.release().await.unwrap());
+    // The lock is free, but the queue is not empty: a newcomer that does not wait fairly is
+    // refused.
+    let newcomer = lock_client(&setup).await;
+    let jumped = newcomer
+        .try_lock("fifo", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(!jumped.is_acquired(), "a newcomer jumped the fair queue");
+    for waiter in waiters {
+        timeout(Duration::from_secs(20), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), [0, 1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_locks_returns_the_held_locks_under_a_prefix_without_tokens() {
+    let setup = redis_setup().await;
+    let a = lock_client(&setup).await;
+    let mut guards = Vec::new();
+    for resource in ["jobs/scan", "jobs/report", "other"] {
+        guards.push(acquired(
+            a.lock_options(resource)
+                .owner("lister")
+                .acquire()
+                .await
+                .unwrap(),
+        ));
+    }
+    let mut listed: Vec<String> = a
+        .list_locks("jobs/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| {
+            assert_eq!(l.owner, "lister");
+            l.resource
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["jobs/report", "jobs/scan"]);
+    assert_eq!(a.list_locks("").await.unwrap().len(), 3);
+    for guard in guards {
+        assert!(guard.release().await.unwrap());
+    }
+    assert!(a.list_locks("").await.unwrap().is_empty());
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lockd_proto::v1::{
-    AcquireRequest, AcquireResponse, ExtendRequest, GetOwnerRequest, LeaseStatus, LockInfo,
-    ReleaseRequest,
+    AcquireRequest, AcquireResponse, ExtendRequest, GetOwnerRequest, LeaseStatus, ListLocksRequest,
+    LockInfo, ReleaseRequest,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -23,6 +23,9 @@ use crate::{Client, proto};
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default per-request timeout: 10 s (a waiting `Acquire` gets its wait on top).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The page size [`LockClient::list_locks`] asks for.
+const LIST_PAGE_SIZE: u32 = 500;
 
 /// A lockd client: cheap to clone (all clones share one connection), safe to share between
 /// tasks.
@@ -378,6 +381,71 @@ impl LockClient {
         Ok(reply.into_inner().holder)
     }
 
+    /// Every current holder of `resource`, by fencing token: none when it is free, one for a
+    /// mutex, up to the limit for a semaphore (see [`LockOptions::limit`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`], [`Error::Unavailable`] (after retries) or [`Error::Timeout`].
+    pub async fn holders(&self, resource: impl Into<String>) -> Result<Vec<LockInfo>, Error> {
+        let resource = resource.into();
+        let reply = self
+            .config
+            .retry
+            .run(|| {
+                let request = self.request(
+                    GetOwnerRequest {
+                        resource: resource.clone(),
+                    },
+                    Duration::ZERO,
+                );
+                let mut raw = self.raw();
+                async move { raw.get_owner(request).await }
+            })
+            .await?
+            .into_inner();
+        // A server that predates semaphores only fills in `holder`.
+        Ok(match (reply.holders.is_empty(), reply.holder) {
+            (true, Some(holder)) => vec![holder],
+            _ => reply.holders,
+        })
+    }
+
+    /// The locks held right now under `prefix` (all of them for `""`), without tokens: every
+    /// page of `ListLocks`, in lockd's order (not sorted). A lock taken or released during the
+    /// listing may or may not appear.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`], [`Error::Unavailable`] (after retries) or [`Error::Timeout`].
+    pub async fn list_locks(&self, prefix: impl Into<String>) -> Result<Vec<LockInfo>, Error> {
+        let prefix = prefix.into();
+        let mut locks = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let reply = self
+                .config
+                .retry
+                .run(|| {
+                    let request = self.request(
+                        ListLocksRequest {
+                            prefix: prefix.clone(),
+                            page_size: LIST_PAGE_SIZE,
+                            page_token: page_token.clone(),
+                        },
+                        Duration::ZERO,
+                    );
+                    let mut raw = self.raw();
+                    async move { raw.list_locks(request).await }
+                })
+                .await?
+                .into_inner();
+            locks.extend(reply.locks);
+            if reply.next_page_token.is_empty() {
+                return Ok(locks);
+            }
+            page_token = reply.next_page_token;
+        }
+    }
+
     /// Takes the lock per `options`; the heart of every acquiring method.
     ///
     /// The token is chosen here (or taken from the options) and sent on every retry, so a
@@ -450,14 +518,15 @@ impl LockClient {
                 expires_at: expires_at.unwrap_or_else(|| SystemTime::now() + granted),
                 lost: None::<LostReason>,
             });
-            let renewal = renew::spawn(Renewal {
+            let stop = renew::spawn(Renewal {
                 client: self.clone(),
                 resource: resource.clone(),
                 token: token.clone(),
                 ttl,
-                anchor,
                 deadline: anchor + granted,
                 hold_until: options.max_hold.map(|max_hold| sent + max_hold),
+                min_hold: options.min_hold,
+                expire_on_close: options.expire_on_close,
                 state: state_tx,
             });
             return Ok(TryLock::Acquired(LockGuard {
@@ -468,8 +537,7 @@ impl LockClient {
                 ttl,
                 min_hold: options.min_hold,
                 state: state_rx,
-                renewal,
-                armed: true,
+                stop: Some(stop),
             }));
         }
     }
@@ -508,6 +576,8 @@ impl LockClient {
                         owner: owner.clone(),
                         token: token.0.clone(),
                         labels: options.labels.clone(),
+                        limit: options.limit,
+                        fair: options.fair,
                         ..Default::default()
                     },
                     wait.unwrap_or_default(),

@@ -4,11 +4,11 @@ use std::fmt;
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
-use tokio::task::AbortHandle;
+use tokio::sync::{oneshot, watch};
 
 use crate::client::LockClient;
 use crate::error::{Error, LostReason};
+use crate::renew::Stop;
 
 /// A lease's secret. Its `Debug` is redacted and it has no `Display`, so it cannot reach a log
 /// line by accident.
@@ -42,22 +42,30 @@ pub struct LeaseInfo {
     pub fencing_token: u64,
 }
 
-/// A held lock. While it lives, a background task renews the lease at about a third of its
-/// TTL (`Extend` with `replace_ttl`), so a job longer than the TTL keeps the lock.
+/// A held lock. While it lives, a background task keeps the lease alive through a `KeepAlive`
+/// stream (a heartbeat at about a third of the TTL), so a job longer than the TTL keeps the
+/// lock, and lockd itself releases the lease as soon as the stream ends without a release.
 ///
-/// - **Release.** [`release`](Self::release) releases and tells whether the lease was still
-///   held; it consumes the guard, so a double release cannot compile. Dropping the guard stops
-///   renewal at once and releases on a best-effort background task (one attempt, on the current
-///   tokio runtime if there is one); it never blocks. If that release is lost, the lease still
-///   ends by its TTL: the lock never stays held past it.
-/// - **Cancellation.** The renewal task is aborted when the guard is dropped, so a cancelled
-///   task (an aborted `JoinHandle`, a dropped future, a panic) that held the guard never keeps
-///   renewing.
-/// - **Loss.** [`lost`](Self::lost) resolves when the lock can no longer be trusted: a renewal
-///   got a definite "no" (the lease ended, someone else holds it, or the request was refused),
-///   or the lease's local deadline passed without a successful renewal (lockd or Redis
+/// - **Release.** [`release`](Self::release) releases (through the `Release` RPC, retried per
+///   the client's [`RetryPolicy`](crate::RetryPolicy)) and tells whether the lease was still
+///   held; it consumes the guard, so a double release cannot compile.
+/// - **Drop and cancellation.** Dropping the guard, or cancelling the task that holds it (an
+///   aborted `JoinHandle`, a dropped future, a panic), stops renewal at once and ends the
+///   stream, and lockd releases the lease at once because the stream ended without a release;
+///   it never blocks. If the whole process dies, its connection drops and lockd does the same.
+///   With a [minimum hold](crate::LockOptions::min_hold), or while no stream is open (lockd
+///   unreachable), the drop releases through one background `Release` call instead, so the
+///   minimum hold is kept. Whatever is lost, the lease still ends by its TTL: the lock never
+///   stays held past it.
+/// - **Loss.** [`lost`](Self::lost) resolves when the lock can no longer be trusted: lockd
+///   reported the lease lost (it ended, someone else holds it, or the request was refused), or
+///   the lease's local deadline passed without a successful renewal (lockd or Redis
 ///   unreachable), or the maximum hold was reached. Renewal stops then; it is never resumed.
-///   A renewal that fails with `UNAVAILABLE` is retried with backoff until that deadline.
+///   A stream that fails with `UNAVAILABLE` or a dropped connection is opened again, with
+///   backoff, until that deadline. Note that lockd releases the leases of a stream that breaks
+///   (unless [`expire_on_close`](crate::LockOptions::expire_on_close) is set), so a dropped
+///   connection usually means a lost lock; a lockd that restarts or shuts down gracefully
+///   keeps them, and the guard carries on.
 /// - **Deadline.** The local deadline is counted from the moment the last successful grant or
 ///   renewal was *sent* plus the TTL it granted, so it never falls after the server's expiry
 ///   (clock rates aside).
@@ -80,10 +88,9 @@ pub struct LockGuard {
     pub(crate) min_hold: Option<Duration>,
     /// Fed by the renewal task: expiry and loss.
     pub(crate) state: watch::Receiver<LeaseState>,
-    /// Aborts the renewal task; called on release and on drop.
-    pub(crate) renewal: AbortHandle,
-    /// Whether dropping the guard should still release the lease (false once `release` ran).
-    pub(crate) armed: bool,
+    /// Stops the renewal task: [`Stop::Release`] from `release`, or dropped with the guard.
+    /// `None` only once `release` has taken it.
+    pub(crate) stop: Option<oneshot::Sender<Stop>>,
 }
 
 impl LockGuard {
@@ -138,32 +145,28 @@ impl LockGuard {
     }
 
     /// Stops renewal and releases the lock. Returns `true` when this lease was still held and is
-    /// now free, `false` when it had already ended (expired, or lost to another holder); a
-    /// `false` means the job ran for a while without the lock. `UNAVAILABLE` is retried per the
-    /// client's [`RetryPolicy`](crate::RetryPolicy).
+    /// now free (or kept until the minimum hold has passed), `false` when it had already ended
+    /// (expired, or lost to another holder); a `false` means the job ran for a while without
+    /// the lock. `UNAVAILABLE` is retried per the client's [`RetryPolicy`](crate::RetryPolicy).
+    /// The release is carried out by the renewal task, so it completes even if this future is
+    /// dropped half-way.
     ///
     /// # Errors
     /// [`Error::Unavailable`] or [`Error::Timeout`] when lockd could not be reached; the lease
     /// then ends by its TTL, since renewal has stopped.
     pub async fn release(mut self) -> Result<bool, Error> {
-        self.renewal.abort();
-        let result = self
-            .client
-            .release(&self.resource, &self.token, self.min_hold)
-            .await;
-        // Whatever the answer, the drop must not release again. If this future is cancelled
-        // before here, the drop does the release instead.
-        self.armed = false;
-        result
-    }
-}
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        self.renewal.abort();
-        if self.armed {
-            release_in_background(&self.client, &self.resource, &self.token, self.min_hold);
+        if let Some(stop) = self.stop.take() {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            if stop.send(Stop::Release(reply_tx)).is_ok()
+                && let Ok(result) = reply_rx.await
+            {
+                return result;
+            }
         }
+        // The renewal task is gone (its runtime is shutting down): release from here.
+        self.client
+            .release(&self.resource, &self.token, self.min_hold)
+            .await
     }
 }
 

@@ -12,11 +12,13 @@ use crate::guard::LeaseInfo;
 /// The TTL used when none is given: 30 s, the server's default.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 
-/// How to take a lock: TTL, wait, owner, labels, token and maximum hold.
+/// How to take a lock: TTL, wait, owner, labels, token, semaphore limit, fair waiting, and the
+/// minimum and maximum hold.
 ///
 /// Every field is optional; the defaults are a 30 s TTL, no wait (try once), the client's default
-/// owner (or the server's: the peer address), no labels, a fresh random token, and no maximum
-/// hold. A `LockOptions` is a plain value: build it once and reuse it for many locks with
+/// owner (or the server's: the peer address), no labels, a fresh random token, a plain mutex
+/// (limit 1), arrival order not enforced, no minimum and no maximum hold, and a lease that
+/// lockd releases as soon as the guard's `KeepAlive` stream breaks. A `LockOptions` is a plain value: build it once and reuse it for many locks with
 /// [`LockRequest::options`] or [`LockClient::run_exclusive_with`].
 ///
 /// ```
@@ -39,6 +41,10 @@ pub struct LockOptions {
     pub(crate) token: Option<String>,
     pub(crate) max_hold: Option<Duration>,
     pub(crate) min_hold: Option<Duration>,
+    /// 0 (the server's default, a mutex) or the semaphore's limit.
+    pub(crate) limit: u32,
+    pub(crate) fair: bool,
+    pub(crate) expire_on_close: bool,
 }
 
 impl Default for LockOptions {
@@ -51,6 +57,9 @@ impl Default for LockOptions {
             token: None,
             max_hold: None,
             min_hold: None,
+            limit: 0,
+            fair: false,
+            expire_on_close: false,
         }
     }
 }
@@ -123,6 +132,34 @@ impl LockOptions {
     /// little late.
     pub fn min_hold(mut self, min_hold: Duration) -> Self {
         self.min_hold = Some(min_hold);
+        self
+    }
+
+    /// Makes the resource a semaphore with up to `limit` holders at once (at most 1024), each
+    /// with its own guard, token and fencing token. 0 or 1, the default, is a plain mutex. A
+    /// resource is either a mutex or a semaphore with one limit while it is held: an acquire
+    /// with another limit fails with [`Error::Rpc`](crate::Error::Rpc) `FAILED_PRECONDITION`.
+    pub fn limit(mut self, limit: u32) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Waits in arrival order (default: no): lockd queues the waiters of the resource in Redis,
+    /// across all its replicas, and grants the lock to the longest-waiting one, so a waiter
+    /// never starves behind a stream of newcomers. Only meaningful with a [`wait`](Self::wait);
+    /// a waiter that gives up (or is cancelled) leaves the queue.
+    pub fn fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
+    }
+
+    /// When the guard's `KeepAlive` stream breaks without a release (the process died, or its
+    /// connection dropped), leave the lease to expire at its TTL instead of having lockd
+    /// release it at once (default: release at once). A dropped guard is still released.
+    /// Use it when a job that may have finished must never run again before the TTL, even
+    /// after a crash; the price is that a crashed holder blocks others for up to the TTL.
+    pub fn expire_on_close(mut self, expire_on_close: bool) -> Self {
+        self.expire_on_close = expire_on_close;
         self
     }
 }
@@ -218,6 +255,24 @@ impl<'c> LockRequest<'c> {
     /// See [`LockOptions::min_hold`].
     pub fn min_hold(mut self, min_hold: Duration) -> Self {
         self.options = self.options.min_hold(min_hold);
+        self
+    }
+
+    /// See [`LockOptions::limit`].
+    pub fn limit(mut self, limit: u32) -> Self {
+        self.options = self.options.limit(limit);
+        self
+    }
+
+    /// See [`LockOptions::fair`].
+    pub fn fair(mut self, fair: bool) -> Self {
+        self.options = self.options.fair(fair);
+        self
+    }
+
+    /// See [`LockOptions::expire_on_close`].
+    pub fn expire_on_close(mut self, expire_on_close: bool) -> Self {
+        self.options = self.options.expire_on_close(expire_on_close);
         self
     }
 

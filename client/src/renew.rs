@@ -1,23 +1,58 @@
-//! The renewal mechanism, kept in this one place: a task per guard that calls `Extend` (with
-//! `replace_ttl`) at about a third of the TTL, and reports a loss through a `watch` channel.
+//! Renewal, kept in this one place: one task and one `KeepAlive` stream per guard.
 //!
-//! A later version may switch this to a bidirectional `KeepAlive` stream; the guard only sees
-//! [`spawn`] and the [`LeaseState`] channel.
+//! The task opens a `KeepAlive` stream whose first message names the lease (`keep`, with the
+//! guard's TTL), then sends an empty message (a heartbeat, which renews every lease of the
+//! stream) at about a third of the TTL. lockd answers each message with the lease's state:
+//! `OK` with the new expiry, or a loss (`NOT_HELD`, `HELD_BY_OTHER`), which it also reports by
+//! itself when the lease's time runs out without a renewal. A loss, or the local deadline
+//! passing without a renewal, fires the guard's `lost()` through a `watch` channel.
+//!
+//! **One stream per guard**, not one per client: lockd's replies name a lease by its resource
+//! only, so two guards on one semaphore could not be told apart on a shared stream, and a
+//! stream per guard makes "this guard is gone" the same thing as "this stream ended". Streams
+//! are cheap: they all share the client's one HTTP/2 connection.
+//!
+//! **Errors.** A stream that fails (`UNAVAILABLE`, a dropped connection, lockd restarting) is
+//! opened again, with backoff, and names the lease again, until the local deadline: the send
+//! time of the last successful renewal plus the TTL it granted. A definite error (such as
+//! `INVALID_ARGUMENT`) stops renewal at once.
+//!
+//! **The end.** The guard holds the sending half of a oneshot channel:
+//! - `release()` sends [`Stop::Release`]: the task releases through the `Release` RPC (with the
+//!   minimum hold, if any, and the client's retries), answers, then ends the stream; lockd's
+//!   release-on-close then finds nothing left to release.
+//! - Dropping the guard (or cancelling the task that holds it) closes the channel: the task
+//!   stops renewing at once and ends the stream, and lockd releases the lease because the
+//!   stream ended without a release. With a minimum hold (or `expire_on_close`), or while no
+//!   stream is open, it first calls `Release` (one attempt, with the minimum hold), so the
+//!   lock is kept until the minimum hold has passed. If the whole process dies, the connection
+//!   drops and lockd releases at once (or leaves the lease to its TTL with `expire_on_close`).
 
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
-use lockd_proto::v1::{ExtendRequest, ExtendResponse, LeaseStatus};
-use tokio::sync::watch;
-use tokio::task::AbortHandle;
-use tokio::time::{Instant, sleep, sleep_until};
-use tonic::Status;
+use lockd_proto::v1::{KeepAliveRequest, KeepAliveResponse, LeaseRef, LeaseStatus};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
 
-use crate::client::{LockClient, from_timestamp, to_proto_duration, to_std_duration};
-use crate::error::{LostReason, is_definite};
+use crate::client::{LockClient, from_timestamp, to_proto_duration};
+use crate::error::{Error, LostReason, is_definite};
 use crate::guard::{LeaseState, Token};
 
 /// The smallest TTL worth asking for; below it the maximum hold counts as reached.
 const MIN_TTL: Duration = Duration::from_millis(1);
+
+/// Heartbeats that may wait in the stream's send buffer; more means lockd is not reading, and
+/// a heartbeat is skipped (the deadline still protects the lease).
+const SEND_BUFFER: usize = 4;
+
+/// What the guard asks of its renewal task before going away.
+pub(crate) enum Stop {
+    /// Release through the `Release` RPC, answer whether the lease was still held, end.
+    Release(oneshot::Sender<Result<bool, Error>>),
+}
 
 /// Everything the renewal task needs about one lease.
 pub(crate) struct Renewal {
@@ -26,121 +61,303 @@ pub(crate) struct Renewal {
     pub(crate) token: Token,
     /// The TTL each renewal asks for.
     pub(crate) ttl: Duration,
-    /// When the last successful grant or renewal was sent: renewals are timed from it.
-    pub(crate) anchor: Instant,
-    /// `anchor` plus the TTL granted then: the lease surely lasts until this instant, and
-    /// cannot be trusted after it without a renewal.
+    /// When the lease is known to last until, without a renewal: the send time of the last
+    /// successful grant or renewal plus the TTL it granted.
     pub(crate) deadline: Instant,
     /// With a maximum hold: no renewal extends the lease past this instant.
     pub(crate) hold_until: Option<Instant>,
+    /// Sent with every release: the lock stays held at least this long after the grant.
+    pub(crate) min_hold: Option<Duration>,
+    /// Asks lockd to leave the lease to its TTL, not release it, when the stream breaks.
+    pub(crate) expire_on_close: bool,
     /// Tells the guard about renewals and the loss.
     pub(crate) state: watch::Sender<LeaseState>,
 }
 
-/// Starts renewing in the background. Aborting the returned handle stops renewal at once
-/// (the guard does so on release and on drop).
-pub(crate) fn spawn(renewal: Renewal) -> AbortHandle {
-    tokio::spawn(renewal.run()).abort_handle()
+/// Starts renewing in the background. Sending [`Stop`] on the returned channel, or dropping
+/// it, ends renewal (see the module's documentation).
+pub(crate) fn spawn(renewal: Renewal) -> oneshot::Sender<Stop> {
+    let (stop_tx, stop_rx) = oneshot::channel();
+    tokio::spawn(renewal.run(stop_rx));
+    stop_tx
+}
+
+/// An open `KeepAlive` stream: dropping it ends the stream.
+struct Session {
+    /// The request stream; lockd reads each message as a heartbeat.
+    tx: mpsc::Sender<KeepAliveRequest>,
+    replies: Streaming<KeepAliveResponse>,
+    /// The TTL the stream's lease was last named with (a heartbeat renews to it).
+    ttl: Duration,
+    /// Send time and TTL of each message not yet answered, oldest first: an answer renews the
+    /// lease from the send time of the oldest one, which is never later than the real one.
+    pending: VecDeque<(Instant, Duration)>,
+}
+
+/// Why the keep-alive loop stopped.
+enum End {
+    /// The lock can no longer be trusted.
+    Lost(LostReason),
+    /// The guard sent a [`Stop`] (`Ok`) or was dropped (`Err`); the stream, if one is open.
+    Stopped(
+        Result<Stop, oneshot::error::RecvError>,
+        Option<Box<Session>>,
+    ),
+}
+
+/// How a stream stopped being useful.
+enum Broken {
+    /// The loop is over.
+    End(End),
+    /// The stream failed: open another. `renewed` tells whether it renewed the lease at least
+    /// once (then the backoff starts over).
+    Failed { status: Status, renewed: bool },
 }
 
 impl Renewal {
-    async fn run(mut self) {
-        let reason = self.renew_until_lost().await;
-        tracing::warn!(resource = %self.resource, %reason, "lock lost");
-        self.state.send_modify(|s| s.lost = Some(reason));
+    async fn run(mut self, mut stop: oneshot::Receiver<Stop>) {
+        let (stop, session) = match self.keep_alive(&mut stop).await {
+            End::Stopped(stop, session) => (stop, session),
+            End::Lost(reason) => {
+                tracing::warn!(resource = %self.resource, %reason, "lock lost");
+                self.state.send_modify(|s| s.lost = Some(reason));
+                // Nothing to renew any more; wait for the guard to release it or go away.
+                ((&mut stop).await, None)
+            }
+        };
+        self.finish(stop, session).await;
     }
 
-    /// Renews until the lock is lost, and says why.
-    async fn renew_until_lost(&mut self) -> LostReason {
+    /// Keeps the lease alive until it is lost or the guard stops it.
+    async fn keep_alive(&mut self, stop: &mut oneshot::Receiver<Stop>) -> End {
+        let mut retry = 0u32;
         loop {
-            sleep_until(self.anchor + period(self.ttl)).await;
-            let mut ttl = self.ttl;
-            let mut last = false;
-            if let Some(until) = self.hold_until {
-                let left = until.saturating_duration_since(Instant::now());
-                if left < ttl {
-                    (ttl, last) = (left, true);
-                }
-                if ttl < MIN_TTL {
-                    sleep_until(self.deadline).await;
-                    return LostReason::MaxHold;
-                }
-            }
-            if let Err(reason) = self.renew(ttl).await {
-                return reason;
-            }
-            if last {
-                sleep_until(self.deadline).await;
-                return LostReason::MaxHold;
-            }
-        }
-    }
-
-    /// One renewal to `ttl`, retried (when the answer is not definite) until the deadline.
-    async fn renew(&mut self, ttl: Duration) -> Result<(), LostReason> {
-        let mut retry = 0;
-        loop {
-            let sent = Instant::now();
-            let reply = tokio::select! {
-                reply = self.extend(ttl) => reply,
-                () = sleep_until(self.deadline) => return Err(LostReason::Expired),
+            let Some(ttl) = self.next_ttl() else {
+                // The maximum hold is reached: no stream would renew the lease any more.
+                return tokio::select! {
+                    biased;
+                    s = &mut *stop => End::Stopped(s, None),
+                    () = sleep_until(self.deadline) => End::Lost(LostReason::MaxHold),
+                };
             };
-            match reply {
-                Ok(reply) if reply.extended => {
-                    let lease = reply.lease.unwrap_or_default();
-                    let granted = lease.ttl.and_then(to_std_duration).unwrap_or(ttl).min(ttl);
-                    self.anchor = sent;
-                    self.deadline = sent + granted;
-                    let expires_at = lease
-                        .expires_at
-                        .and_then(from_timestamp)
-                        .unwrap_or_else(|| SystemTime::now() + granted);
-                    self.state.send_modify(|s| s.expires_at = expires_at);
-                    return Ok(());
-                }
-                Ok(reply) => {
-                    return Err(match reply.status() {
-                        LeaseStatus::HeldByOther => LostReason::HeldByOther,
-                        _ => LostReason::NotHeld,
-                    });
-                }
-                Err(status) if is_definite(&status) => {
-                    return Err(LostReason::Rejected(status.message().to_owned()));
-                }
-                Err(status) => {
-                    let delay = self.client.retry_policy().backoff(retry).min(self.ttl / 6);
-                    retry = retry.saturating_add(1);
-                    tracing::debug!(
-                        resource = %self.resource, error = %status.message(), ?delay,
-                        "renewal failed; retrying until the lease's deadline"
-                    );
-                    tokio::select! {
-                        () = sleep(delay) => {}
-                        () = sleep_until(self.deadline) => return Err(LostReason::Expired),
+            let opened = tokio::select! {
+                biased;
+                s = &mut *stop => return End::Stopped(s, None),
+                () = sleep_until(self.deadline) => return End::Lost(self.deadline_reason()),
+                opened = self.open(ttl) => opened,
+            };
+            let status = match opened {
+                Ok(session) => match self.heartbeat(session, stop).await {
+                    Broken::End(end) => return end,
+                    Broken::Failed { status, renewed } => {
+                        if renewed {
+                            retry = 0;
+                        }
+                        status
                     }
-                }
+                },
+                Err(status) => status,
+            };
+            if is_definite(&status) {
+                return End::Lost(LostReason::Rejected(status.message().to_owned()));
+            }
+            let delay = self
+                .client
+                .retry_policy()
+                .backoff(retry)
+                .min(period(self.ttl) / 2);
+            retry = retry.saturating_add(1);
+            tracing::debug!(
+                resource = %self.resource, error = %status.message(), ?delay,
+                "KeepAlive stream failed; opening another until the lease's deadline"
+            );
+            tokio::select! {
+                biased;
+                s = &mut *stop => return End::Stopped(s, None),
+                () = sleep_until(self.deadline) => return End::Lost(self.deadline_reason()),
+                () = sleep(delay) => {}
             }
         }
     }
 
-    /// The `Extend` call, with a time limit no longer than a renewal period, so a hung call
-    /// leaves time for another try before the deadline.
+    /// Opens a stream whose first message names the lease with `ttl`.
     #[allow(
         clippy::needless_update,
         reason = "fields added to the proto later must not break this"
     )]
-    async fn extend(&self, ttl: Duration) -> Result<ExtendResponse, Status> {
-        let request = ExtendRequest {
+    async fn open(&self, ttl: Duration) -> Result<Session, Status> {
+        let (tx, rx) = mpsc::channel(SEND_BUFFER);
+        let first = KeepAliveRequest {
+            keep: vec![self.lease_ref(ttl)],
+            expire_on_close: self.expire_on_close,
+            ..Default::default()
+        };
+        let sent = Instant::now();
+        tx.try_send(first)
+            .map_err(|_| Status::internal("a new KeepAlive stream's buffer is full"))?;
+        // No deadline on the stream itself, which lives as long as the guard; only on opening.
+        let mut raw = self.client.raw();
+        let call = raw.keep_alive(ReceiverStream::new(rx));
+        let replies = timeout(self.client.request_timeout(), call)
+            .await
+            .map_err(|_| Status::deadline_exceeded("KeepAlive was not answered in time"))??
+            .into_inner();
+        Ok(Session {
+            tx,
+            replies,
+            ttl,
+            pending: VecDeque::from([(sent, ttl)]),
+        })
+    }
+
+    /// Sends heartbeats on `session` and reads its replies until the stream fails, the lease is
+    /// lost, or the guard stops it.
+    #[allow(
+        clippy::needless_update,
+        reason = "fields added to the proto later must not break this"
+    )]
+    async fn heartbeat(
+        &mut self,
+        mut session: Session,
+        stop: &mut oneshot::Receiver<Stop>,
+    ) -> Broken {
+        let mut renewed = false;
+        // `None` once the last renewal allowed by the maximum hold has been sent.
+        let mut next_beat = Some(Instant::now() + period(self.ttl));
+        loop {
+            tokio::select! {
+                biased;
+                s = &mut *stop => return Broken::End(End::Stopped(s, Some(Box::new(session)))),
+                () = sleep_until(self.deadline) => {
+                    return Broken::End(End::Lost(self.deadline_reason()));
+                }
+                reply = session.replies.message() => {
+                    let reply = match reply {
+                        Ok(Some(reply)) => reply,
+                        Ok(None) => {
+                            let status = Status::unavailable("lockd ended the KeepAlive stream");
+                            return Broken::Failed { status, renewed };
+                        }
+                        Err(status) => return Broken::Failed { status, renewed },
+                    };
+                    for lease in reply.leases.iter().filter(|l| l.resource == self.resource) {
+                        if lease.status() != LeaseStatus::Ok || lease.released {
+                            let reason = match lease.status() {
+                                _ if self.hold_reached() => LostReason::MaxHold,
+                                LeaseStatus::HeldByOther => LostReason::HeldByOther,
+                                _ => LostReason::NotHeld,
+                            };
+                            return Broken::End(End::Lost(reason));
+                        }
+                        let Some((sent, ttl)) = session.pending.pop_front() else {
+                            continue; // an answer to nothing we sent: ignore it
+                        };
+                        renewed = true;
+                        self.deadline = sent + ttl;
+                        let expires_at = lease
+                            .expires_at
+                            .and_then(from_timestamp)
+                            .unwrap_or_else(|| SystemTime::now() + ttl);
+                        self.state.send_modify(|s| s.expires_at = expires_at);
+                    }
+                }
+                () = sleep_until(next_beat.unwrap_or_else(Instant::now)), if next_beat.is_some() => {
+                    let Some(ttl) = self.next_ttl() else {
+                        next_beat = None;
+                        continue;
+                    };
+                    // Only the last renewal before the maximum hold changes the TTL: it names
+                    // the lease again with what is left.
+                    let message = if ttl == session.ttl {
+                        KeepAliveRequest::default()
+                    } else {
+                        KeepAliveRequest { keep: vec![self.lease_ref(ttl)], ..Default::default() }
+                    };
+                    let sent = Instant::now();
+                    match session.tx.try_send(message) {
+                        Ok(()) => {
+                            session.ttl = ttl;
+                            session.pending.push_back((sent, ttl));
+                        }
+                        // lockd is not reading: skip this heartbeat, the deadline still holds.
+                        Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            let status = Status::unavailable("the KeepAlive stream is closed");
+                            return Broken::Failed { status, renewed };
+                        }
+                    }
+                    next_beat = (ttl == self.ttl).then(|| sent + period(self.ttl));
+                }
+            }
+        }
+    }
+
+    /// Releases or lets go of the lease once the guard is done with it.
+    async fn finish(
+        &self,
+        stop: Result<Stop, oneshot::error::RecvError>,
+        session: Option<Box<Session>>,
+    ) {
+        match stop {
+            Ok(Stop::Release(reply)) => {
+                let result = self
+                    .client
+                    .release(&self.resource, &self.token, self.min_hold)
+                    .await;
+                drop(session);
+                let _ = reply.send(result);
+            }
+            // The guard was dropped. Ending the stream makes lockd release the lease at once,
+            // unless a minimum hold must be kept or lockd was told to leave the lease to its TTL.
+            Err(_) if session.is_some() && self.min_hold.is_none() && !self.expire_on_close => {
+                drop(session);
+            }
+            Err(_) => {
+                let released = self
+                    .client
+                    .release_once(&self.resource, &self.token, self.min_hold)
+                    .await;
+                if let Err(error) = released {
+                    tracing::debug!(
+                        resource = %self.resource, %error,
+                        "release of a dropped guard failed; the lease ends by its TTL"
+                    );
+                }
+                drop(session);
+            }
+        }
+    }
+
+    /// The TTL the next renewal asks for: the guard's TTL, or less near the maximum hold;
+    /// `None` once the maximum hold leaves nothing worth asking for.
+    fn next_ttl(&self) -> Option<Duration> {
+        let Some(until) = self.hold_until else {
+            return Some(self.ttl);
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        (left >= MIN_TTL).then_some(left.min(self.ttl))
+    }
+
+    /// Whether the maximum hold allows no renewal beyond the current lease.
+    fn hold_reached(&self) -> bool {
+        self.hold_until.is_some_and(|until| self.deadline >= until)
+    }
+
+    /// Why the lease is lost when its deadline passes.
+    fn deadline_reason(&self) -> LostReason {
+        if self.hold_reached() {
+            LostReason::MaxHold
+        } else {
+            LostReason::Expired
+        }
+    }
+
+    fn lease_ref(&self, ttl: Duration) -> LeaseRef {
+        LeaseRef {
             resource: self.resource.clone(),
             token: self.token.0.clone(),
             ttl: Some(to_proto_duration(ttl)),
-            replace_ttl: true,
-            ..Default::default()
-        };
-        let limit = self.client.request_timeout().min(period(self.ttl));
-        let mut request = tonic::Request::new(request);
-        request.set_timeout(limit);
-        Ok(self.client.raw().extend(request).await?.into_inner())
+        }
     }
 }
 
