@@ -72,8 +72,11 @@ impl<B: Backend> Session<B> {
                 msg = inbound.next() => match msg {
                     Some(Ok(msg)) => {
                         if let Err(e) = self.heartbeat(msg).await {
+                            // A bad message or a backend failure ends the stream, but does not
+                            // release: the client is alive and will keep its leases again on a
+                            // new stream; otherwise they expire at their TTL.
                             let _ = self.tx.send(Err(e.into())).await;
-                            break;
+                            return;
                         }
                     }
                     // The client closed its side, crashed, or its connection dropped.
