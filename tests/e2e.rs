@@ -17,6 +17,7 @@ mod listing;
 mod min_hold;
 mod operations;
 mod python;
+mod scheduler;
 mod semaphore;
 mod validation;
 mod waiting;

@@ -129,9 +129,9 @@ impl LockOptions {
     /// `lockAtLeastFor`; default: none). Every release of the lease (explicit, on drop, or at
     /// the end of [`LockClient::run_exclusive_with`]) asks lockd to keep the lock until then,
     /// so a job that finishes in 50 ms is not run again by an instance whose timer is a
-    /// little late.
+    /// little late. Zero means none.
     pub fn min_hold(mut self, min_hold: Duration) -> Self {
-        self.min_hold = Some(min_hold);
+        self.min_hold = (!min_hold.is_zero()).then_some(min_hold);
         self
     }
 
