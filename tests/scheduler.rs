@@ -344,3 +344,66 @@ async fn three_skewed_schedulers_run_each_tick_once_and_take_over_a_killed_insta
         "overlapping runs of unguarded"
     );
 }
+
+/// Lines with their common indentation removed (blank lines made empty).
+fn dedent(lines: &[&str]) -> Vec<String> {
+    let indent = lines
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    lines
+        .iter()
+        .map(|l| {
+            if l.trim().is_empty() {
+                ""
+            } else {
+                &l[indent..]
+            }
+            .to_owned()
+        })
+        .collect()
+}
+
+/// The README's "Using lockd from your scheduler" section quotes code that CI runs: its Rust
+/// example is this test's scheduler, its Python example is the worker `tests/python.rs` runs.
+#[test]
+fn readme_scheduler_examples_are_copied_from_code_that_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| *l != "## Using lockd from your scheduler")
+        .skip(1)
+        .take_while(|l| !l.starts_with("## "))
+        .collect();
+    assert!(!section.is_empty(), "README.md lost its scheduler section");
+    for (lang, source) in [
+        ("rust", "examples/scheduler/src/scheduler.rs"),
+        ("python", "examples/python/worker.py"),
+    ] {
+        let fence = format!("```{lang}");
+        let snippet: Vec<&str> = section
+            .iter()
+            .skip_while(|l| **l != fence)
+            .skip(1)
+            .take_while(|l| **l != "```")
+            .copied()
+            .collect();
+        assert!(
+            !snippet.is_empty(),
+            "no {lang} example in the README section"
+        );
+        let snippet = dedent(&snippet);
+        let text = std::fs::read_to_string(root.join(source)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines
+                .windows(snippet.len())
+                .any(|window| dedent(window) == snippet),
+            "README.md's {lang} example is not a verbatim copy of lines of {source}:\n{}",
+            snippet.join("\n")
+        );
+    }
+}
