@@ -1,0 +1,437 @@
+//! The results: a table for people, JSON for tools, the lockd / redis-direct ratios, and the
+//! issue's targets with what was measured against them.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::cli::{Scenario, Target};
+use crate::memory::MemoryResult;
+use crate::scenario::RunResult;
+use crate::stats::Latency;
+
+/// Everything one invocation measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// The command line that reproduces this run, every option spelled out.
+    pub command: String,
+    /// Prefix of the resource names this run used.
+    pub run_id: String,
+    /// One entry per (scenario, concurrency, target).
+    pub runs: Vec<RunResult>,
+    /// The memory scenario, per target.
+    pub memory: Vec<MemoryResult>,
+    /// lockd (and lockd-memory) relative to redis-direct, per scenario and concurrency.
+    pub ratios: Vec<Ratio>,
+    /// The issue's targets and what was measured.
+    pub checks: Vec<Check>,
+    /// Definitions and caveats.
+    pub notes: Vec<String>,
+}
+
+/// One target relative to redis-direct, in one scenario at one concurrency.
+#[derive(Debug, Serialize)]
+pub struct Ratio {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// lockd or lockd-memory.
+    pub target: Target,
+    /// ops/s of the target divided by ops/s of redis-direct.
+    pub ops: f64,
+    /// Acquire p99 of the target divided by that of redis-direct.
+    pub acquire_p99: Option<f64>,
+    /// Contended: hand-offs to another client per second, divided likewise.
+    pub handoffs: Option<f64>,
+}
+
+/// One of the issue's targets.
+#[derive(Debug, Serialize)]
+pub struct Check {
+    /// What is required.
+    pub target: String,
+    /// What was measured.
+    pub measured: String,
+    /// Whether the target is met; `None` when the needed runs were not part of this invocation.
+    pub met: Option<bool>,
+}
+
+impl Report {
+    /// Assembles the report and derives the ratios and checks.
+    pub fn new(
+        command: String,
+        run_id: String,
+        runs: Vec<RunResult>,
+        memory: Vec<MemoryResult>,
+        notes: Vec<String>,
+    ) -> Self {
+        let mut report = Self {
+            command,
+            run_id,
+            runs,
+            memory,
+            ratios: Vec::new(),
+            checks: Vec::new(),
+            notes,
+        };
+        report.ratios = report.compute_ratios();
+        report.checks = report.compute_checks();
+        report
+    }
+
+    fn find(&self, scenario: Scenario, target: Target, clients: usize) -> Option<&RunResult> {
+        self.runs
+            .iter()
+            .find(|r| r.scenario == scenario && r.target == target && r.clients == clients)
+    }
+
+    fn compute_ratios(&self) -> Vec<Ratio> {
+        let mut out = Vec::new();
+        for base in self.runs.iter().filter(|r| r.target == Target::RedisDirect) {
+            for target in [Target::Lockd, Target::LockdMemory] {
+                let Some(run) = self.find(base.scenario, target, base.clients) else {
+                    continue;
+                };
+                let p99 = |r: &RunResult| r.latency_of("acquire").map(|l| l.p99_us);
+                let handoffs = |r: &RunResult| r.contention.as_ref().map(|c| c.handoffs_per_second);
+                out.push(Ratio {
+                    scenario: base.scenario,
+                    clients: base.clients,
+                    target,
+                    ops: run.ops_per_second / base.ops_per_second.max(1e-9),
+                    acquire_p99: p99(run).zip(p99(base)).map(|(a, b)| a / b.max(1e-9)),
+                    handoffs: handoffs(run)
+                        .zip(handoffs(base))
+                        .map(|(a, b)| a / b.max(1e-9)),
+                });
+            }
+        }
+        out
+    }
+
+    fn compute_checks(&self) -> Vec<Check> {
+        let mut checks = Vec::new();
+        let (u, c) = (Scenario::Uncontended, Scenario::Contended);
+        let (rd, lockd) = (Target::RedisDirect, Target::Lockd);
+
+        let measured = self.find(u, lockd, 128).zip(self.find(u, rd, 128));
+        checks.push(Check {
+            target: "uncontended, 128 clients: lockd ops/s >= 50% of redis-direct".into(),
+            measured: measured.map_or_else(not_run, |(l, r)| {
+                format!(
+                    "{} vs {} ops/s = {:.0}%",
+                    thousands(l.ops_per_second),
+                    thousands(r.ops_per_second),
+                    100.0 * l.ops_per_second / r.ops_per_second.max(1e-9)
+                )
+            }),
+            met: measured.map(|(l, r)| l.ops_per_second >= 0.5 * r.ops_per_second),
+        });
+
+        let p99 = |r: &RunResult| r.latency_of("acquire").map(|l| l.p99_us);
+        let measured = self
+            .find(u, lockd, 16)
+            .and_then(p99)
+            .zip(self.find(u, rd, 16).and_then(p99));
+        checks.push(Check {
+            target: "uncontended, 16 clients: lockd Acquire p99 <= 3x redis-direct's".into(),
+            measured: measured.map_or_else(not_run, |(l, r)| {
+                format!("{} vs {} = {:.1}x", micros(l), micros(r), l / r.max(1e-9))
+            }),
+            met: measured.map(|(l, r)| l <= 3.0 * r),
+        });
+
+        let contended = self.find(c, lockd, 16);
+        let contention = contended.and_then(|r| r.contention.as_ref());
+        checks.push(Check {
+            target: "contended, 16 clients: lockd >= 3,000 hand-offs/s to a different client"
+                .into(),
+            measured: contention.map_or_else(not_run, |c| {
+                format!("{} hand-offs/s", thousands(c.handoffs_per_second))
+            }),
+            met: contention.map(|c| c.handoffs_per_second >= 3_000.0),
+        });
+        let gap = contention.and_then(|c| c.gap_from_release_reply.as_ref());
+        checks.push(Check {
+            target: "contended, 16 clients: lockd median Release reply -> next Acquire reply < 1ms"
+                .into(),
+            measured: gap.map_or_else(not_run, |g| {
+                let send = contention
+                    .and_then(|c| c.gap_from_release_send.as_ref())
+                    .map_or_else(String::new, |s| {
+                        format!(" (from Release sent: {})", micros(s.p50_us))
+                    });
+                format!("p50 {}, p99 {}{send}", micros(g.p50_us), micros(g.p99_us))
+            }),
+            met: gap.map(|g| g.p50_us < 1_000.0),
+        });
+        checks.push(Check {
+            target: "contended, 16 clients: lockd serves every waiter".into(),
+            measured: contended.zip(contention).map_or_else(not_run, |(r, c)| {
+                format!(
+                    "{}/{} clients served, grants per client {}..{}, {} wait timeouts, {} errors",
+                    c.clients_served,
+                    r.clients,
+                    c.min_per_client,
+                    c.max_per_client,
+                    c.wait_timeouts,
+                    r.errors.values().sum::<u64>()
+                )
+            }),
+            met: contended
+                .zip(contention)
+                .map(|(r, c)| c.clients_served == r.clients && r.errors.is_empty()),
+        });
+
+        let mem = self.memory.iter().find(|m| m.target == lockd);
+        checks.push(Check {
+            target: "memory: lockd <= 256 bytes per held lock".into(),
+            measured: mem.map_or_else(not_run, |m| format!("{:.0} bytes", m.bytes_per_held_lock)),
+            met: mem.map(|m| m.bytes_per_held_lock <= 256.0),
+        });
+        checks.push(Check {
+            target: "memory: lockd <= 96 bytes per released resource".into(),
+            measured: mem.map_or_else(not_run, |m| {
+                format!("{:.0} bytes", m.bytes_per_released_resource)
+            }),
+            met: mem.map(|m| m.bytes_per_released_resource <= 96.0),
+        });
+        checks
+    }
+
+    /// The results as text tables.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let scenarios = [
+            (
+                Scenario::Uncontended,
+                "1 op = Acquire + Release of the client's own resource",
+            ),
+            (
+                Scenario::Contended,
+                "1 op = blocking Acquire of the one shared resource + Release",
+            ),
+            (
+                Scenario::Mixed,
+                "1 op = IsLocked 40% | GetOwner 40% | Acquire + Release 20%",
+            ),
+        ];
+        for (scenario, what) in scenarios {
+            let runs: Vec<&RunResult> = self
+                .runs
+                .iter()
+                .filter(|r| r.scenario == scenario)
+                .collect();
+            if runs.is_empty() {
+                continue;
+            }
+            let _ = writeln!(out, "\n== {}: {what} ==", scenario.name());
+            let _ = writeln!(
+                out,
+                "{:<13}{:>8}{:>11}  {:<10}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}{:>8}",
+                "target",
+                "clients",
+                "ops/s",
+                "latency",
+                "calls/s",
+                "p50",
+                "p90",
+                "p99",
+                "p99.9",
+                "max",
+                "errors"
+            );
+            for run in runs {
+                let errors: u64 = run.errors.values().sum::<u64>() + run.unexpected;
+                for (i, l) in ordered(&run.latency).into_iter().enumerate() {
+                    let (name, clients, ops, errs) = if i == 0 {
+                        (
+                            run.target.name().to_owned(),
+                            run.clients.to_string(),
+                            thousands(run.ops_per_second),
+                            errors.to_string(),
+                        )
+                    } else {
+                        Default::default()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name:<13}{clients:>8}{ops:>11}  {:<10}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}{errs:>8}",
+                        l.name,
+                        thousands(l.per_second),
+                        micros(l.p50_us),
+                        micros(l.p90_us),
+                        micros(l.p99_us),
+                        micros(l.p999_us),
+                        micros(l.max_us),
+                    );
+                }
+                if run.latency.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "{:<13}{:>8}{:>11}  (nothing completed){errors:>44}",
+                        run.target.name(),
+                        run.clients,
+                        thousands(run.ops_per_second),
+                    );
+                }
+                if let Some(c) = &run.contention {
+                    let gap = |l: &Option<Latency>| {
+                        l.as_ref().map_or_else(
+                            || "-".to_owned(),
+                            |l| format!("p50 {} p99 {}", micros(l.p50_us), micros(l.p99_us)),
+                        )
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{:>21}hand-offs to another client {}/s; gap from Release reply {}, \
+                         from Release sent {}; served {}/{} (grants per client {}..{}); \
+                         wait timeouts {}",
+                        "",
+                        thousands(c.handoffs_per_second),
+                        gap(&c.gap_from_release_reply),
+                        gap(&c.gap_from_release_send),
+                        c.clients_served,
+                        run.clients,
+                        c.min_per_client,
+                        c.max_per_client,
+                        c.wait_timeouts,
+                    );
+                }
+                if let Some(e) = &run.first_error {
+                    let _ = writeln!(out, "{:>21}first error: {e}", "");
+                }
+            }
+        }
+
+        if !self.memory.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n== memory: Redis used_memory, locks with a 20-byte owner and no labels =="
+            );
+            for m in &self.memory {
+                let _ = writeln!(
+                    out,
+                    "{:<13} {} locks ({}-byte resources, {:.0}-byte tokens, {} granted): \
+                     {:.0} bytes per held lock ({} keys), {:.0} bytes per released resource \
+                     ({} keys left); {} acquires/s, {} errors",
+                    m.target.name(),
+                    m.locks,
+                    m.resource_bytes,
+                    m.token_bytes,
+                    m.granted,
+                    m.bytes_per_held_lock,
+                    m.keys_held,
+                    m.bytes_per_released_resource,
+                    m.keys_released,
+                    thousands(m.acquire_per_second),
+                    m.errors,
+                );
+                if let Some(e) = &m.first_error {
+                    let _ = writeln!(out, "{:>14}first error: {e}", "");
+                }
+            }
+        }
+
+        if !self.ratios.is_empty() {
+            let _ = writeln!(out, "\n== ratios to redis-direct (same invocation) ==");
+            let _ = writeln!(
+                out,
+                "{:<13}{:<13}{:>8}{:>9}{:>14}{:>11}",
+                "scenario", "target", "clients", "ops/s", "acquire p99", "hand-offs"
+            );
+            for r in &self.ratios {
+                let x = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x"));
+                let _ = writeln!(
+                    out,
+                    "{:<13}{:<13}{:>8}{:>9}{:>14}{:>11}",
+                    r.scenario.name(),
+                    r.target.name(),
+                    r.clients,
+                    format!("{:.2}x", r.ops),
+                    x(r.acquire_p99),
+                    x(r.handoffs),
+                );
+            }
+        }
+
+        let _ = writeln!(out, "\n== issue targets ==");
+        for c in &self.checks {
+            let verdict = match c.met {
+                Some(true) => "MET    ",
+                Some(false) => "MISSED ",
+                None => "not run",
+            };
+            let _ = writeln!(out, "{verdict} {}: {}", c.target, c.measured);
+        }
+        let _ = writeln!(out, "\nnotes:");
+        for n in &self.notes {
+            let _ = writeln!(out, "- {n}");
+        }
+        let _ = writeln!(out, "\nreproduce: {}", self.command);
+        out
+    }
+}
+
+/// `op` first, then the RPCs in a fixed order.
+fn ordered(latency: &[Latency]) -> Vec<&Latency> {
+    let rank = |n: &str| match n {
+        "op" => 0,
+        "acquire" => 1,
+        "release" => 2,
+        "is_locked" => 3,
+        "get_owner" => 4,
+        _ => 5,
+    };
+    let mut v: Vec<&Latency> = latency.iter().collect();
+    v.sort_by_key(|l| rank(&l.name));
+    v
+}
+
+fn not_run() -> String {
+    "not part of this run".to_owned()
+}
+
+/// 12345.6 -> "12,346".
+pub fn thousands(v: f64) -> String {
+    let n = v.round().max(0.0) as u64;
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Microseconds in the most readable unit: `87us`, `1.25ms`, `2.10s`.
+pub fn micros(us: f64) -> String {
+    if us < 10.0 {
+        format!("{us:.1}us")
+    } else if us < 1_000.0 {
+        format!("{us:.0}us")
+    } else if us < 1_000_000.0 {
+        format!("{:.2}ms", us / 1_000.0)
+    } else {
+        format!("{:.2}s", us / 1_000_000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_readable() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1234567.0), "1,234,567");
+        assert_eq!(micros(5.3), "5.3us");
+        assert_eq!(micros(87.0), "87us");
+        assert_eq!(micros(1250.0), "1.25ms");
+        assert_eq!(micros(2_100_000.0), "2.10s");
+    }
+}

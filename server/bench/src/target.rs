@@ -1,0 +1,295 @@
+//! The three targets behind one interface: a [`Client`] takes, frees and inspects locks.
+//!
+//! - redis-direct is the naive redis-rs lock that lockd competes with: `SET key token NX PX ttl`
+//!   to take it, a compare-and-delete script (EVALSHA through `redis::Script`) to free it, `PTTL`
+//!   and `GET` to inspect it, and for a blocking take a `SET NX` retry loop with a short sleep.
+//! - lockd and lockd-memory are the generated gRPC client; lockd generates the tokens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::redis::aio::MultiplexedConnection;
+use deadpool_redis::redis::{self, AsyncConnectionConfig, Value};
+use lockd_proto::v1 as pb;
+use lockd_proto::v1::lock_service_client::LockServiceClient;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::cli::Target;
+use crate::error::{Error, Result};
+
+/// Prefix of redis-direct keys: `lockd-bench:{<resource>}`.
+const DIRECT_PREFIX: &str = "lockd-bench";
+
+/// Deletes KEYS[1] only if it holds the token ARGV[1]. Returns 1 when deleted, 0 otherwise.
+const COMPARE_AND_DELETE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// How long a lockd target may take to accept connections (it may still be starting).
+const CONNECT_PATIENCE: Duration = Duration::from_secs(15);
+
+/// The connections to one target, shared by all its clients.
+pub struct Session {
+    target: Target,
+    conns: Vec<Conn>,
+    release: Arc<redis::Script>,
+    poll_interval: Duration,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Redis(MultiplexedConnection),
+    Grpc(LockServiceClient<Channel>),
+}
+
+/// One simulated client: one request in flight at a time, on one of the session's connections.
+pub struct Client {
+    conn: Conn,
+    release: Arc<redis::Script>,
+    poll_interval: Duration,
+    owner: String,
+    /// redis-direct tokens are `<owner>-<n>`; lockd generates its own.
+    next_token: u64,
+}
+
+impl Session {
+    /// Opens `connections` connections to `target`, at the address the options give for it.
+    ///
+    /// # Errors
+    /// Fails when the address is missing or the target does not answer within 15s.
+    pub async fn connect(
+        target: Target,
+        address: &str,
+        connections: u32,
+        poll_interval: Duration,
+    ) -> Result<Self> {
+        let mut conns = Vec::new();
+        for _ in 0..connections {
+            conns.push(match target {
+                Target::RedisDirect => Conn::Redis(redis_connection(address).await?),
+                Target::Lockd | Target::LockdMemory => Conn::Grpc(grpc_channel(address).await?),
+            });
+        }
+        Ok(Self {
+            target,
+            conns,
+            release: Arc::new(redis::Script::new(COMPARE_AND_DELETE)),
+            poll_interval,
+        })
+    }
+
+    /// The target this session talks to.
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    /// Client number `index`, on connection `index % connections`. Its owner string is 20
+    /// bytes: `bench-client-NNNNNNN`.
+    pub fn client(&self, index: usize) -> Client {
+        Client {
+            conn: self.conns[index % self.conns.len()].clone(),
+            release: self.release.clone(),
+            poll_interval: self.poll_interval,
+            owner: format!("bench-client-{:07}", index % 10_000_000),
+            next_token: 0,
+        }
+    }
+}
+
+/// A multiplexed redis-rs connection with generous timeouts: at 1024 clients a reply may
+/// queue behind many others, and a timeout would count as an error, not as latency.
+///
+/// # Errors
+/// Fails when the URL is invalid or Redis does not answer.
+pub async fn redis_connection(url: &str) -> Result<MultiplexedConnection> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    let client = redis::Client::open(url)?;
+    Ok(client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
+}
+
+/// One HTTP/2 connection to lockd (each `connect` opens its own), retried while lockd starts.
+async fn grpc_channel(address: &str) -> Result<LockServiceClient<Channel>> {
+    let endpoint = Endpoint::from_shared(address.to_owned())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2));
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(LockServiceClient::new(channel)),
+            Err(e) if Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn direct_key(resource: &str) -> String {
+    format!("{DIRECT_PREFIX}:{{{resource}}}")
+}
+
+fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl Client {
+    /// This client's owner string (20 bytes).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Takes the lock on `resource` for `ttl`, waiting up to `wait` if it is held. Returns the
+    /// token when granted, `None` when the lock stayed held.
+    ///
+    /// # Errors
+    /// Fails when the target fails or answers something unexpected.
+    pub async fn acquire(
+        &mut self,
+        resource: &str,
+        ttl: Duration,
+        wait: Option<Duration>,
+    ) -> Result<Option<String>> {
+        match &mut self.conn {
+            Conn::Redis(conn) => {
+                self.next_token += 1;
+                let token = format!("{}-{}", self.owner, self.next_token);
+                let key = direct_key(resource);
+                let deadline = wait.map(|w| Instant::now() + w);
+                loop {
+                    let reply: Value = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(millis(ttl))
+                        .query_async(conn)
+                        .await?;
+                    match reply {
+                        Value::Okay => return Ok(Some(token)),
+                        Value::Nil => {}
+                        other => return Err(Error::Unexpected(format!("SET NX: {other:?}"))),
+                    }
+                    match deadline {
+                        Some(d) if Instant::now() + self.poll_interval < d => {
+                            tokio::time::sleep(self.poll_interval).await;
+                        }
+                        _ => return Ok(None),
+                    }
+                }
+            }
+            Conn::Grpc(client) => {
+                let reply = client
+                    .acquire(pb::AcquireRequest {
+                        resource: resource.to_owned(),
+                        ttl: Some(proto_duration(ttl)),
+                        wait_timeout: wait.map(proto_duration),
+                        owner: self.owner.clone(),
+                        token: String::new(),
+                        labels: Default::default(),
+                        // Newer fields (semaphore limit, fair waiting) keep their defaults: a
+                        // plain mutex with the default waiting order.
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                if !reply.acquired {
+                    return Ok(None);
+                }
+                match reply.lease {
+                    Some(lease) => Ok(Some(lease.token)),
+                    None => Err(Error::Unexpected("acquired without a lease".into())),
+                }
+            }
+        }
+    }
+
+    /// Frees the lock on `resource` if `token` holds it. Returns whether it did.
+    ///
+    /// # Errors
+    /// Fails when the target fails.
+    pub async fn release(&mut self, resource: &str, token: &str) -> Result<bool> {
+        match &mut self.conn {
+            Conn::Redis(conn) => {
+                let deleted: i64 = self
+                    .release
+                    .key(direct_key(resource))
+                    .arg(token)
+                    .invoke_async(conn)
+                    .await?;
+                Ok(deleted == 1)
+            }
+            Conn::Grpc(client) => {
+                let reply = client
+                    .release(pb::ReleaseRequest {
+                        resource: resource.to_owned(),
+                        token: token.to_owned(),
+                        // No minimum hold: free at once.
+                        ..Default::default()
+                    })
+                    .await?;
+                Ok(reply.into_inner().released)
+            }
+        }
+    }
+
+    /// Whether `resource` is held (redis-direct: `PTTL`).
+    ///
+    /// # Errors
+    /// Fails when the target fails.
+    pub async fn is_locked(&mut self, resource: &str) -> Result<bool> {
+        match &mut self.conn {
+            Conn::Redis(conn) => {
+                let pttl: i64 = redis::cmd("PTTL")
+                    .arg(direct_key(resource))
+                    .query_async(conn)
+                    .await?;
+                Ok(pttl != -2)
+            }
+            Conn::Grpc(client) => {
+                let reply = client
+                    .is_locked(pb::IsLockedRequest {
+                        resource: resource.to_owned(),
+                    })
+                    .await?;
+                Ok(reply.into_inner().locked)
+            }
+        }
+    }
+
+    /// Whether `resource` has a holder, asking for its description (redis-direct: `GET`).
+    ///
+    /// # Errors
+    /// Fails when the target fails.
+    pub async fn get_owner(&mut self, resource: &str) -> Result<bool> {
+        match &mut self.conn {
+            Conn::Redis(conn) => {
+                let holder: Option<String> = redis::cmd("GET")
+                    .arg(direct_key(resource))
+                    .query_async(conn)
+                    .await?;
+                Ok(holder.is_some())
+            }
+            Conn::Grpc(client) => {
+                let reply = client
+                    .get_owner(pb::GetOwnerRequest {
+                        resource: resource.to_owned(),
+                    })
+                    .await?;
+                Ok(reply.into_inner().holder.is_some())
+            }
+        }
+    }
+}
