@@ -374,6 +374,29 @@ async fn dropped_guard_with_min_hold_keeps_the_lock_until_the_minimum_hold() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_guard_with_expire_on_close_is_still_released_at_once() {
+    // expire_on_close only spares a lease whose stream breaks; a dropped guard releases it.
+    let setup = redis_setup().await;
+    let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);
+    let ttl = Duration::from_secs(30);
+    let guard = acquired(
+        a.lock_options("kept-on-crash")
+            .ttl(ttl)
+            .expire_on_close(true)
+            .acquire()
+            .await
+            .unwrap(),
+    );
+    wait_until_renewed(&guard).await;
+    drop(guard);
+    let (other, took) = acquire_within(&b, "kept-on-crash", ttl, Duration::from_secs(1)).await;
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    // Through a Release call, since lockd was told to keep the lease when the stream ends.
+    assert_eq!(log_lines(&setup, "kept-on-crash", "release").len(), 1);
+    assert!(other.release().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guard_survives_a_lockd_restart_by_opening_a_new_stream() {
     let mut setup = redis_setup().await;
     let a = lock_client(&setup).await;
