@@ -159,3 +159,34 @@ async fn release_on_one_replica_wakes_a_waiter_on_another() {
     assert!(r.acquired);
     assert!(released_at.elapsed() < Duration::from_secs(2));
 }
+
+/// Uncontended releases cost no wake-up message: release.lua publishes one only when a waiting
+/// request has seen the lease (or a fair queue exists).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_publishes_a_wake_up_only_when_someone_waited() {
+    use futures_util::StreamExt as _;
+    let s = Setup::new(Store::Redis).await;
+    let redis = s.redis.as_ref().unwrap();
+    let client = deadpool_redis::redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("lockd:released").await.unwrap();
+    let mut messages = pubsub.into_on_message();
+    let mut c = s.client().await;
+
+    let lease = acquire_ok(&mut c, "quiet", 30.0).await;
+    release(&mut c, &lease).await;
+    let none = tokio::time::timeout(Duration::from_millis(300), messages.next()).await;
+    assert!(none.is_err(), "an uncontended release published a wake-up");
+
+    let lease = acquire_ok(&mut c, "busy", 30.0).await;
+    let mut waiter = s.client().await;
+    let wait = tokio::spawn(async move { wait_acquire(&mut waiter, "busy", 30.0, 10.0).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    release(&mut c, &lease).await;
+    let msg = tokio::time::timeout(Duration::from_secs(2), messages.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.get_payload::<String>().unwrap(), "busy\n");
+    assert!(wait.await.unwrap().acquired);
+}

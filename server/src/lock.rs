@@ -53,6 +53,8 @@ pub struct AcquireParams {
     pub limit: u32,
     /// The waiter's id in the resource's fair queue, when waiting in fair (FIFO) order.
     pub fair: Option<String>,
+    /// The caller waits for the lock: its release must then wake waiters.
+    pub waiting: bool,
 }
 
 /// What is asked of [`Backend::release`](crate::backend::Backend::release).

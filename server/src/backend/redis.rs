@@ -211,7 +211,8 @@ impl Backend for RedisBackend {
             .arg(p.fair.as_deref().unwrap_or(""))
             .arg(ms(FAIR_ENTRY_TTL))
             .arg(&self.events_channel)
-            .arg(&p.resource);
+            .arg(&p.resource)
+            .arg(if p.waiting { "1" } else { "0" });
         for (name, value) in &p.labels {
             inv.arg(name).arg(value);
         }

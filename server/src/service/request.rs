@@ -259,6 +259,7 @@ impl Acquire {
                 labels: labels(r.labels)?,
                 limit: r.limit.max(1),
                 fair,
+                waiting: !wait.is_zero(),
             },
             wait,
         })

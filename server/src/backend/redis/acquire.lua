@@ -6,6 +6,8 @@
 --            released with a minimum hold (the lease then only waits out its TTL).
 --            A semaphore has n = its limit and, per holder token T: f:T, a:T, o:T, e:T (expiry,
 --            ms since epoch), g:T (labels, cjson array name1, value1, ...), r:T (as above).
+--            Both may have w = 1: a waiting request saw this lease, so its release must wake
+--            waiters (release.lua publishes a wake-up only then, or when a fair queue exists).
 -- KEYS[2]  the fencing counter  <prefix>:{<resource>}:fence, an integer that never expires.
 -- KEYS[3]  the fair queue  <prefix>:{<resource>}:queue, a sorted set: waiter id -> arrival ms.
 -- KEYS[4]  the fair queue's liveness  <prefix>:{<resource>}:qexp, a hash: waiter id -> the ms
@@ -18,7 +20,8 @@
 -- ARGV[6]  how long a fair queue entry stays live without a refresh, in ms
 -- ARGV[7]  the events channel <prefix>:events (for Watch)
 -- ARGV[8]  the resource name (for the event)
--- ARGV[9], ARGV[10], ...  label name, label value, ... (pairs, possibly none)
+-- ARGV[9]  '1' when the caller waits for the lock (so the lease is marked w), '0' otherwise
+-- ARGV[10], ARGV[11], ...  label name, label value, ... (pairs, possibly none)
 --
 -- A holder is described as: fencing token, acquired-at, remaining ms, owner, 2 x number of
 -- labels, then the label names and values.
@@ -32,6 +35,7 @@
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local token, ttl, limit, waiter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4]), ARGV[5]
+local waiting = ARGV[9] == '1'
 
 -- The live head of the fair queue, dropping entries whose lockd stopped refreshing them.
 local function queue_head()
@@ -76,20 +80,27 @@ local function event(kind, owner, fence, expires)
   redis.call('PUBLISH', ARGV[7], kind .. '\n' .. ARGV[8] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now .. '\n' .. expires)
 end
 
+-- A waiting caller that is not granted marks the lease, so its release wakes the waiters.
+local function mark_waited()
+  if waiting then
+    redis.call('HSET', KEYS[1], 'w', 1)
+  end
+end
+
 local function labels_from_argv()
   local labels = {}
-  for i = 9, #ARGV do
+  for i = 10, #ARGV do
     labels[#labels + 1] = ARGV[i]
   end
   return labels
 end
 
-local existing = redis.call('HGET', KEYS[1], 'n')
+local held = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r', 'n')
+local existing = held[6]
 if limit == 1 then
   if existing then
     return {-2, tonumber(existing)}
   end
-  local held = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r')
   if held[1] then
     if held[1] == token and not held[5] then
       redis.call('PEXPIRE', KEYS[1], ttl)
@@ -99,6 +110,7 @@ if limit == 1 then
     end
     local remaining = redis.call('PTTL', KEYS[1])
     enqueue()
+    mark_waited()
     local reply = {0, now, 1, 1, remaining, tonumber(held[2]), tonumber(held[3]), remaining, held[4], 0}
     local fields = redis.call('HGETALL', KEYS[1])
     for i = 1, #fields, 2 do
@@ -117,7 +129,12 @@ if limit == 1 then
   leave_queue()
   local fence = redis.call('INCR', KEYS[2])
   local hash = {'t', token, 'o', ARGV[3], 'f', fence, 'a', now}
-  for i = 9, #ARGV, 2 do
+  if waiting then
+    -- Other waiters may still be queued behind this one.
+    hash[#hash + 1] = 'w'
+    hash[#hash + 1] = 1
+  end
+  for i = 10, #ARGV, 2 do
     hash[#hash + 1] = 'l:' .. ARGV[i]
     hash[#hash + 1] = ARGV[i + 1]
   end
@@ -169,6 +186,9 @@ if count < limit and queue_allows() then
   local fence = redis.call('INCR', KEYS[2])
   redis.call('HSET', KEYS[1], 'n', limit, 'f:' .. token, fence, 'a:' .. token, now,
     'o:' .. token, ARGV[3], 'e:' .. token, now + ttl, 'g:' .. token, cjson.encode(labels_from_argv()))
+  if waiting then
+    redis.call('HSET', KEYS[1], 'w', 1)
+  end
   redis.call('PEXPIREAT', KEYS[1], math.max(latest, now + ttl))
   event('A', ARGV[3], fence, now + ttl)
   return {1, fence, now}
@@ -177,6 +197,7 @@ enqueue()
 if count == 0 then
   return {0, now, limit, 0, -1}
 end
+mark_waited()
 local tok = first[2]
 local h = redis.call('HMGET', KEYS[1], 'a:' .. tok, 'o:' .. tok, 'g:' .. tok)
 local labels = cjson.decode(h[3] or '[]')

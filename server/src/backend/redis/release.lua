@@ -11,29 +11,30 @@
 -- ARGV[6]  keep the lease at least this long after it was acquired (ms), or 0
 -- ARGV[7]  the longest a minimum hold may last from now (ms): the server's maximum TTL
 --
--- Publishes "<resource>\n<fair queue head or empty>" on ARGV[2] so the right waiter is woken.
+-- Publishes "<resource>\n<fair queue head or empty>" on ARGV[2] so the right waiter is woken,
+-- when anyone waits: the lease is marked w (see acquire.lua) or a fair queue exists.
 -- Returns {1, frees-at ms} released (frees-at is now, or the minimum-hold point),
 --         {0} not held (free, expired, or already released), {-1} held by another token.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local token = ARGV[1]
 local semaphore = redis.call('HGET', KEYS[1], 'n')
-local fence, acquired, owner, lingering
+local fence, acquired, owner, lingering, waited
 if semaphore then
-  local h = redis.call('HMGET', KEYS[1], 'f:' .. token, 'a:' .. token, 'o:' .. token, 'r:' .. token, 'e:' .. token)
+  local h = redis.call('HMGET', KEYS[1], 'f:' .. token, 'a:' .. token, 'o:' .. token, 'r:' .. token, 'e:' .. token, 'w')
   if not h[1] or tonumber(h[5]) <= now then
     return {0}
   end
-  fence, acquired, owner, lingering = h[1], tonumber(h[2]), h[3], h[4]
+  fence, acquired, owner, lingering, waited = h[1], tonumber(h[2]), h[3], h[4], h[6]
 else
-  local h = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r')
+  local h = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r', 'w')
   if not h[1] then
     return {0}
   end
   if h[1] ~= token then
     return {-1}
   end
-  fence, acquired, owner, lingering = h[2], tonumber(h[3]), h[4], h[5]
+  fence, acquired, owner, lingering, waited = h[2], tonumber(h[3]), h[4], h[5], h[6]
 end
 if lingering then
   return {0}
@@ -59,14 +60,17 @@ else
   frees_at = now
   if semaphore then
     redis.call('HDEL', KEYS[1], 'e:' .. token, 'f:' .. token, 'a:' .. token, 'o:' .. token, 'g:' .. token, 'r:' .. token)
-    if redis.call('HLEN', KEYS[1]) <= 1 then
+    -- Only n (and w) left: no holder.
+    if redis.call('HLEN', KEYS[1]) <= (waited and 2 or 1) then
       redis.call('DEL', KEYS[1])
     end
   else
     redis.call('DEL', KEYS[1])
   end
 end
-local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1] or ''
-redis.call('PUBLISH', ARGV[2], ARGV[4] .. '\n' .. head)
+local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+if waited or head then
+  redis.call('PUBLISH', ARGV[2], ARGV[4] .. '\n' .. (head or ''))
+end
 redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now .. '\n' .. frees_at)
 return {1, frees_at}
