@@ -9,7 +9,7 @@ pub mod redis;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lock::{
     AcquireOutcome, AcquireParams, ExtendOutcome, Holders, LockInfo, ReleaseOutcome, ReleaseParams,
     Token,
@@ -44,6 +44,22 @@ pub struct Page {
     pub locks: Vec<LockInfo>,
     /// Where the next page starts; empty when the listing is complete.
     pub next: String,
+}
+
+/// The error for a request whose `limit` does not match the resource (mutex vs semaphore).
+fn mismatch(resource: &str, existing: u32, asked: u32) -> Error {
+    let what = |n: u32| {
+        if n <= 1 {
+            "a mutex".to_owned()
+        } else {
+            format!("a semaphore with limit {n}")
+        }
+    };
+    Error::FailedPrecondition(format!(
+        "resource `{resource}` is {}; this request asks for {}",
+        what(existing),
+        what(asked)
+    ))
 }
 
 /// A lock store. Every method is one atomic step, so a request cancelled at any `.await`

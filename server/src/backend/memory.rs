@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page};
-use crate::error::{Error, Result};
+use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page, mismatch};
+use crate::error::Result;
 use crate::events::Events;
 use crate::lock::{
     AcquireOutcome, AcquireParams, Busy, EventKind, ExtendOutcome, Holders, Lease, LeaseStatus,
@@ -185,19 +185,27 @@ impl State {
     }
 }
 
-fn mismatch(resource: &str, existing: u32, asked: u32) -> Error {
-    let what = |n: u32| {
-        if n <= 1 {
-            "a mutex".to_owned()
-        } else {
-            format!("a semaphore with limit {n}")
-        }
-    };
-    Error::FailedPrecondition(format!(
-        "resource `{resource}` is {}; this request asks for {}",
-        what(existing),
-        what(asked)
-    ))
+/// Gives `h` a new TTL from now, reporting the extension; returns the renewed lease.
+fn renew(
+    h: &mut Holder,
+    resource: &str,
+    ttl: Duration,
+    now: Now,
+    events: &Events,
+    expiries: &mut BinaryHeap<Reverse<(Instant, String)>>,
+) -> Lease {
+    h.expires = now.instant + ttl;
+    let lease = h.lease(resource, ttl, now);
+    events.publish(LockEvent {
+        kind: EventKind::Extended,
+        resource: resource.to_owned(),
+        owner: h.owner.clone(),
+        fencing_token: h.fencing_token,
+        time: now.unix,
+        expires_at: Some(lease.expires_at),
+    });
+    expiries.push(Reverse((h.expires, resource.to_owned())));
+    lease
 }
 
 impl MemoryBackend {
@@ -253,19 +261,14 @@ impl Backend for MemoryBackend {
                 .iter_mut()
                 .find(|h| h.token == p.token && !h.lingering)
             {
-                h.expires = now.instant + p.ttl;
-                let lease = h.lease(&p.resource, p.ttl, now);
-                self.events.publish(LockEvent {
-                    kind: EventKind::Extended,
-                    resource: p.resource.clone(),
-                    owner: h.owner.clone(),
-                    fencing_token: h.fencing_token,
-                    time: now.unix,
-                    expires_at: Some(lease.expires_at),
-                });
-                state
-                    .expiries
-                    .push(Reverse((h.expires, p.resource.clone())));
+                let lease = renew(
+                    h,
+                    &p.resource,
+                    p.ttl,
+                    now,
+                    &self.events,
+                    &mut state.expiries,
+                );
                 state.leave_queue(&p.resource, p.fair.as_deref());
                 return Ok(AcquireOutcome::Acquired(lease));
             }
@@ -420,19 +423,7 @@ impl Backend for MemoryBackend {
         let ttl = Duration::from_millis(
             u64::try_from((base + p.ttl).min(p.max_ttl).as_millis()).unwrap_or(u64::MAX),
         );
-        h.expires = now.instant + ttl;
-        let lease = h.lease(&p.resource, ttl, now);
-        self.events.publish(LockEvent {
-            kind: EventKind::Extended,
-            resource: p.resource.clone(),
-            owner: h.owner.clone(),
-            fencing_token: h.fencing_token,
-            time: now.unix,
-            expires_at: Some(lease.expires_at),
-        });
-        state
-            .expiries
-            .push(Reverse((h.expires, p.resource.clone())));
+        let lease = renew(h, &p.resource, ttl, now, &self.events, &mut state.expiries);
         Ok(ExtendOutcome {
             status: LeaseStatus::Ok,
             lease: Some(lease),

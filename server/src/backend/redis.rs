@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use self::reply::Reply;
 use self::scripts::Scripts;
 use self::subscriber::Subscriber;
-use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page};
+use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page, mismatch};
 use crate::config::RedisConfig;
 use crate::error::{Error, Result};
 use crate::events::Events;
@@ -366,21 +366,6 @@ impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
         "redis"
     }
-}
-
-fn mismatch(resource: &str, existing: u32, asked: u32) -> Error {
-    let what = |n: u32| {
-        if n <= 1 {
-            "a mutex".to_owned()
-        } else {
-            format!("a semaphore with limit {n}")
-        }
-    };
-    Error::FailedPrecondition(format!(
-        "resource `{resource}` is {}; this request asks for {}",
-        what(existing),
-        what(asked)
-    ))
 }
 
 #[cfg(test)]
