@@ -80,6 +80,23 @@ fn log_lines(setup: &Setup, resource: &str, what: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits (up to 2 s) for a lockd log line with message `what` about `resource` that contains
+/// `text`: lockd logs a decision just after making it, so a test may see its effect first.
+async fn wait_for_log(setup: &Setup, resource: &str, what: &str, text: &str) {
+    let start = Instant::now();
+    while !log_lines(setup, resource, what)
+        .iter()
+        .any(|l| l.contains(text))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "no `{what}` line with {text} for {resource}:\n{}",
+            setup.lockd.log_text()
+        );
+        sleep(10 * MS).await;
+    }
+}
+
 /// Waits until `guard` has been renewed at least once (its expiry moved).
 async fn wait_until_renewed(guard: &LockGuard) {
     let first = guard.expires_at();
@@ -325,11 +342,7 @@ async fn aborted_task_frees_the_lock_at_once_because_its_keepalive_stream_ends()
     );
     assert!(took < Duration::from_secs(1), "took {took:?}");
     // Freed by lockd when the stream ended, not by a Release call.
-    let keepalive = log_lines(&setup, "session-bound", "keepalive");
-    assert!(
-        keepalive.iter().any(|l| l.contains("released_on_close")),
-        "{keepalive:?}"
-    );
+    wait_for_log(&setup, "session-bound", "keepalive", "released_on_close").await;
     assert_eq!(
         log_lines(&setup, "session-bound", "release"),
         Vec::<String>::new()
@@ -392,6 +405,7 @@ async fn dropped_guard_with_expire_on_close_is_still_released_at_once() {
     let (other, took) = acquire_within(&b, "kept-on-crash", ttl, Duration::from_secs(1)).await;
     assert!(took < Duration::from_secs(1), "took {took:?}");
     // Through a Release call, since lockd was told to keep the lease when the stream ends.
+    wait_for_log(&setup, "kept-on-crash", "release", "outcome=\"ok\"").await;
     assert_eq!(log_lines(&setup, "kept-on-crash", "release").len(), 1);
     assert!(other.release().await.unwrap());
 }
@@ -854,4 +868,24 @@ async fn list_locks_returns_the_held_locks_under_a_prefix_without_tokens() {
         assert!(guard.release().await.unwrap());
     }
     assert!(a.list_locks("").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guards_ended_while_their_stream_opens_release_their_own_lease_and_no_other() {
+    // Dropping or releasing a guard at once races with its KeepAlive stream being opened: the
+    // release must still happen (lockd may not have seen the stream's `keep` yet), and the end
+    // of that stream must not take the next holder's lease with it.
+    let setup = redis_setup().await;
+    let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);
+    let ttl = Duration::from_secs(30);
+    for i in 0..40 {
+        let resource = format!("brief-{i}");
+        drop(acquired(a.try_lock(&resource, ttl).await.unwrap()));
+        let (other, took) = acquire_within(&b, &resource, ttl, Duration::from_secs(2)).await;
+        assert!(took < Duration::from_secs(1), "{resource}: took {took:?}");
+        assert!(
+            other.release().await.unwrap(),
+            "{resource}: the lease was gone"
+        );
+    }
 }

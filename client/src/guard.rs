@@ -53,9 +53,9 @@ pub struct LeaseInfo {
 ///   aborted `JoinHandle`, a dropped future, a panic), stops renewal at once and ends the
 ///   stream, and lockd releases the lease at once because the stream ended without a release;
 ///   it never blocks. If the whole process dies, its connection drops and lockd does the same.
-///   With a [minimum hold](crate::LockOptions::min_hold), or while no stream is open (lockd
-///   unreachable), the drop releases through one background `Release` call instead, so the
-///   minimum hold is kept. Whatever is lost, the lease still ends by its TTL: the lock never
+///   With a [minimum hold](crate::LockOptions::min_hold), or while no stream holds the lease
+///   (lockd unreachable, or the stream not yet answered), the drop releases through one
+///   background `Release` call instead, so the minimum hold is kept. Whatever is lost, the lease still ends by its TTL: the lock never
 ///   stays held past it.
 /// - **Loss.** [`lost`](Self::lost) resolves when the lock can no longer be trusted: lockd
 ///   reported the lease lost (it ended, someone else holds it, or the request was refused), or

@@ -23,10 +23,13 @@
 //!   release-on-close then finds nothing left to release.
 //! - Dropping the guard (or cancelling the task that holds it) closes the channel: the task
 //!   stops renewing at once and ends the stream, and lockd releases the lease because the
-//!   stream ended without a release. With a minimum hold (or `expire_on_close`), or while no
-//!   stream is open, it first calls `Release` (one attempt, with the minimum hold), so the
-//!   lock is kept until the minimum hold has passed. If the whole process dies, the connection
-//!   drops and lockd releases at once (or leaves the lease to its TTL with `expire_on_close`).
+//!   stream ended without a release. With a minimum hold (or `expire_on_close`), or before
+//!   lockd has answered for the lease on an open stream, it first calls `Release` (one
+//!   attempt, with the minimum hold), so the lock is kept until the minimum hold has passed.
+//!   A stream still being opened is opened fully first and ended only after the release, so
+//!   lockd never releases the lease early because of it. If the whole process dies, the
+//!   connection drops and lockd releases at once (or leaves the lease to its TTL with
+//!   `expire_on_close`).
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
@@ -92,17 +95,17 @@ struct Session {
     /// Send time and TTL of each message not yet answered, oldest first: an answer renews the
     /// lease from the send time of the oldest one, which is never later than the real one.
     pending: VecDeque<(Instant, Duration)>,
+    /// Whether lockd has answered for the lease on this stream: only then does ending the
+    /// stream release it (before, lockd may never have seen the `keep`).
+    bound: bool,
 }
 
 /// Why the keep-alive loop stopped.
 enum End {
     /// The lock can no longer be trusted.
     Lost(LostReason),
-    /// The guard sent a [`Stop`] (`Ok`) or was dropped (`Err`); the stream, if one is open.
-    Stopped(
-        Result<Stop, oneshot::error::RecvError>,
-        Option<Box<Session>>,
-    ),
+    /// The guard sent a [`Stop`] (`Some`) or was dropped (`None`); the stream, if one is open.
+    Stopped(Option<Stop>, Option<Box<Session>>),
 }
 
 /// How a stream stopped being useful.
@@ -122,7 +125,7 @@ impl Renewal {
                 tracing::warn!(resource = %self.resource, %reason, "lock lost");
                 self.state.send_modify(|s| s.lost = Some(reason));
                 // Nothing to renew any more; wait for the guard to release it or go away.
-                ((&mut stop).await, None)
+                ((&mut stop).await.ok(), None)
             }
         };
         self.finish(stop, session).await;
@@ -132,19 +135,34 @@ impl Renewal {
     async fn keep_alive(&mut self, stop: &mut oneshot::Receiver<Stop>) -> End {
         let mut retry = 0u32;
         loop {
+            match stop.try_recv() {
+                Ok(s) => return End::Stopped(Some(s), None),
+                Err(oneshot::error::TryRecvError::Closed) => return End::Stopped(None, None),
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
             let Some(ttl) = self.next_ttl() else {
                 // The maximum hold is reached: no stream would renew the lease any more.
                 return tokio::select! {
                     biased;
-                    s = &mut *stop => End::Stopped(s, None),
+                    s = &mut *stop => End::Stopped(s.ok(), None),
                     () = sleep_until(self.deadline) => End::Lost(LostReason::MaxHold),
                 };
             };
-            let opened = tokio::select! {
+            let opened = {
+                let open = self.open(ttl);
+                tokio::pin!(open);
+                tokio::select! {
                 biased;
-                s = &mut *stop => return End::Stopped(s, None),
+                s = &mut *stop => {
+                    // The stream being opened may already name the lease at lockd, and ending
+                    // it would release the lease there: finish opening it, so that it ends
+                    // only after the release (and its minimum hold) has been asked for.
+                    let session = open.await.ok().map(Box::new);
+                    return End::Stopped(s.ok(), session);
+                }
                 () = sleep_until(self.deadline) => return End::Lost(self.deadline_reason()),
-                opened = self.open(ttl) => opened,
+                opened = &mut open => opened,
+                }
             };
             let status = match opened {
                 Ok(session) => match self.heartbeat(session, stop).await {
@@ -173,7 +191,7 @@ impl Renewal {
             );
             tokio::select! {
                 biased;
-                s = &mut *stop => return End::Stopped(s, None),
+                s = &mut *stop => return End::Stopped(s.ok(), None),
                 () = sleep_until(self.deadline) => return End::Lost(self.deadline_reason()),
                 () = sleep(delay) => {}
             }
@@ -207,6 +225,7 @@ impl Renewal {
             replies,
             ttl,
             pending: VecDeque::from([(sent, ttl)]),
+            bound: false,
         })
     }
 
@@ -227,7 +246,7 @@ impl Renewal {
         loop {
             tokio::select! {
                 biased;
-                s = &mut *stop => return Broken::End(End::Stopped(s, Some(Box::new(session)))),
+                s = &mut *stop => return Broken::End(End::Stopped(s.ok(), Some(Box::new(session)))),
                 () = sleep_until(self.deadline) => {
                     return Broken::End(End::Lost(self.deadline_reason()));
                 }
@@ -253,6 +272,7 @@ impl Renewal {
                             continue; // an answer to nothing we sent: ignore it
                         };
                         renewed = true;
+                        session.bound = true;
                         self.deadline = sent + ttl;
                         let expires_at = lease
                             .expires_at
@@ -293,13 +313,9 @@ impl Renewal {
     }
 
     /// Releases or lets go of the lease once the guard is done with it.
-    async fn finish(
-        &self,
-        stop: Result<Stop, oneshot::error::RecvError>,
-        session: Option<Box<Session>>,
-    ) {
+    async fn finish(&self, stop: Option<Stop>, session: Option<Box<Session>>) {
         match stop {
-            Ok(Stop::Release(reply)) => {
+            Some(Stop::Release(reply)) => {
                 let result = self
                     .client
                     .release(&self.resource, &self.token, self.min_hold)
@@ -307,12 +323,16 @@ impl Renewal {
                 drop(session);
                 let _ = reply.send(result);
             }
-            // The guard was dropped. Ending the stream makes lockd release the lease at once,
-            // unless a minimum hold must be kept or lockd was told to leave the lease to its TTL.
-            Err(_) if session.is_some() && self.min_hold.is_none() && !self.expire_on_close => {
+            // The guard was dropped. Ending a stream on which lockd holds the lease makes it
+            // release the lease at once, unless a minimum hold must be kept or lockd was told to
+            // leave the lease to its TTL.
+            None if session.as_ref().is_some_and(|s| s.bound)
+                && self.min_hold.is_none()
+                && !self.expire_on_close =>
+            {
                 drop(session);
             }
-            Err(_) => {
+            None => {
                 let released = self
                     .client
                     .release_once(&self.resource, &self.token, self.min_hold)
