@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockd_client::proto::AcquireRequest;
+use tokio::time::Instant;
 
 use crate::support::*;
 
@@ -84,4 +85,42 @@ async fn fair_waiters_on_two_replicas_are_served_in_arrival_order() {
     // Nothing is left in the queue.
     let keys = redis.keys().await;
     assert!(keys.iter().all(|k| !k.ends_with(":queue")), "{keys:?}");
+}
+
+/// A lockd that crashes while one of its clients waits fairly leaves a queue entry behind. The
+/// entry goes stale (it is no longer refreshed) and stops blocking the waiters behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_lockds_queue_entry_goes_stale_and_stops_blocking_the_queue() {
+    let redis = RedisServer::start().await;
+    let a = Lockd::start(Some(&redis)).await;
+    let mut doomed = Lockd::start(Some(&redis)).await;
+    let mut holder = a.client().await;
+    let lease = acquire_ok(&mut holder, "queue", 60.0).await;
+
+    // First in the queue: a waiter on the lockd that will crash.
+    let mut early = doomed.client().await;
+    let early_wait = tokio::spawn(async move { early.acquire(fair_req("queue", 60.0)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Second: a waiter on the surviving lockd.
+    let mut late = a.client().await;
+    let late_wait = tokio::spawn(async move { late.acquire(fair_req("queue", 60.0)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The first waiter's lockd dies (SIGKILL): its queue entry stays in Redis, unrefreshed.
+    let started = Instant::now();
+    doomed.kill();
+    assert!(early_wait.await.unwrap().is_err());
+    release(&mut holder, &lease).await;
+    let r = tokio::time::timeout(Duration::from_secs(20), late_wait)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(r.into_inner().acquired);
+    let waited = started.elapsed();
+    eprintln!(
+        "fair queue: the waiter behind a crashed lockd's entry got the lock after {waited:?}"
+    );
+    // The entry goes stale 6 s after its last refresh; the survivor looks again at least every 2 s.
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
 }

@@ -281,22 +281,24 @@ impl Lockd {
         }
     }
 
-    /// Kills lockd and starts it again on the same port, with the same settings.
-    pub async fn restart(&mut self) {
+    /// Kills lockd (SIGKILL), as in a crash.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Kills lockd and starts it again on the same port, with the same settings.
+    pub async fn restart(&mut self) {
+        self.kill();
         self.spawn().await;
     }
 }
 
 impl Drop for Lockd {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.kill();
     }
 }
 
