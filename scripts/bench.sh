@@ -4,23 +4,31 @@
 # lockd and lockd-memory (all scenarios, 1/16/128/1024 clients), prints the table, and stops
 # everything it started on exit. About 2.5 minutes after the build.
 #
+# Scenarios: uncontended, contended, mixed, memory (Redis bytes per lock), scale (1,000 then
+# 1,000,000 locks held in Redis) in one lockd-bench run; then waiters (lockd's RSS with 10,000
+# blocking Acquires, Watch streams, KeepAlive streams), each kind against fresh lockd processes.
+# lockd-bench gets the servers' pids, to report their CPU time per operation and lockd's RSS.
+#
 # Placement (2+ cores, taskset available): redis-server and both lockd on CPU 1, the load
 # generator on CPU 0, so the servers never compete with the client for a core. Override with
 # SERVER_CPUS / BENCH_CPUS (taskset -c lists); with fewer than 2 cores nothing is pinned.
 #
-# Knobs (environment): BENCH_DURATION (3s), BENCH_WARMUP (500ms), BENCH_CLIENTS
+# Knobs (environment): BENCH_SCENARIOS (all, or a comma list), BENCH_WAITER_KINDS
+# ("acquire watch keepalive"), BENCH_DURATION (2s), BENCH_WARMUP (300ms), BENCH_CLIENTS
 # (1,16,128,1024), BENCH_CONNECTIONS (4), LOCKD_REDIS_POOL_SIZE (lockd's default: 4), and
 # LOCKD_BIN: a lockd binary to measure instead of building this tree's (e.g. one built from a
 # committed revision while the working tree is mid-change); only lockd-bench is built then.
-# Extra arguments go to lockd-bench, e.g. `scripts/bench.sh --scenario contended`.
+# Extra arguments go to every lockd-bench run, e.g. `scripts/bench.sh --waiters 1000`; options
+# that take lists (--scenario, --clients, --target) add to this script's, so use the variables.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-DURATION=${BENCH_DURATION:-3s}
-WARMUP=${BENCH_WARMUP:-500ms}
+DURATION=${BENCH_DURATION:-2s}
+WARMUP=${BENCH_WARMUP:-300ms}
 CLIENTS=${BENCH_CLIENTS:-1,16,128,1024}
+SCENARIOS=${BENCH_SCENARIOS:-all}
 CONNECTIONS=${BENCH_CONNECTIONS:-4}
 
 for tool in redis-server redis-cli python3; do
@@ -71,9 +79,16 @@ else
 fi
 
 REDIS_PORT=$(free_port)
+# The scale scenario waits for Redis's rehashing to end, seen through DEBUG HTSTATS (Redis 7+
+# refuses DEBUG unless enabled).
+REDIS_DEBUG=()
+if [ "$(redis-server --version | sed -n 's/.*v=\([0-9]*\).*/\1/p')" -ge 7 ]; then
+  REDIS_DEBUG=(--enable-debug-command local)
+fi
 "${SERVER_PIN[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
-  --daemonize no --dir "$TMP" </dev/null >/dev/null 2>&1 &
-PIDS+=($!)
+  --daemonize no --dir "$TMP" "${REDIS_DEBUG[@]}" </dev/null >/dev/null 2>&1 &
+REDIS_PID=$!
+PIDS+=($REDIS_PID)
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 for _ in $(seq 200); do
   [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && break
@@ -81,14 +96,34 @@ for _ in $(seq 200); do
 done
 [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] || { echo "bench.sh: redis-server did not start" >&2; exit 1; }
 
-LOCKD_PORT=$(free_port)
-env REDIS_URL="$REDIS_URL" RUST_LOG=warn "${SERVER_PIN[@]}" "$LOCKD_BIN" \
-  --listen "127.0.0.1:$LOCKD_PORT" </dev/null >"$TMP/lockd.log" 2>&1 &
-PIDS+=($!)
-MEMORY_PORT=$(free_port)
-env -u REDIS_URL -u REDIS_HOST RUST_LOG=warn "${SERVER_PIN[@]}" "$LOCKD_BIN" \
-  --listen "127.0.0.1:$MEMORY_PORT" </dev/null >"$TMP/lockd-memory.log" 2>&1 &
-PIDS+=($!)
+# start_lockd NAME redis|memory: starts a lockd pinned like the others; sets PORT and PID.
+start_lockd() {
+  local name=$1 backend=$2
+  PORT=$(free_port)
+  if [ "$backend" = redis ]; then
+    env REDIS_URL="$REDIS_URL" RUST_LOG=warn "${SERVER_PIN[@]}" "$LOCKD_BIN" \
+      --listen "127.0.0.1:$PORT" </dev/null >"$TMP/$name.log" 2>&1 &
+  else
+    env -u REDIS_URL -u REDIS_HOST RUST_LOG=warn "${SERVER_PIN[@]}" "$LOCKD_BIN" \
+      --listen "127.0.0.1:$PORT" </dev/null >"$TMP/$name.log" 2>&1 &
+  fi
+  PID=$!
+  PIDS+=("$PID")
+  wait_for_port "$PORT" "$name"
+  # taskset and env exec the program: $! is lockd itself, whose CPU and RSS are read.
+  [ "$(cat "/proc/$PID/comm" 2>/dev/null)" = lockd ] || { echo "bench.sh: pid $PID is not lockd" >&2; exit 1; }
+}
+
+# stop PID: ends one process this script started, and forgets it.
+stop() {
+  local pid=$1 p keep=()
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do
+    [ "$p" = "$pid" ] || keep+=("$p")
+  done
+  PIDS=("${keep[@]}")
+}
 
 wait_for_port() {
   local port=$1 name=$2
@@ -102,31 +137,97 @@ wait_for_port() {
   cat "$TMP/$name.log" >&2
   exit 1
 }
-wait_for_port "$LOCKD_PORT" lockd
-wait_for_port "$MEMORY_PORT" lockd-memory
 
-echo "== machine: $(nproc) CPUs, $(redis-server --version | cut -d' ' -f3), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+# CPU accounting, to tell whether something else ran during the benchmark: busy jiffies of the
+# whole machine, jiffies of one process, and jiffies of this script's reaped children.
+machine_busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+process_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# `times` must run in this shell (not in $(...)): it writes to a file, read by children_ticks.
+children_ticks() {
+  tail -1 "$1" | awk '{ n = 0; for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); n += t[1] * 60 + t[2] } print int(n * 100 + 0.5) }'
+}
+HZ=$(getconf CLK_TCK)
+
+start_lockd lockd redis
+LOCKD_PORT=$PORT LOCKD_PID=$PID
+start_lockd lockd-memory memory
+MEMORY_PORT=$PORT MEMORY_PID=$PID
+
+# `all` runs every scenario; waiters runs after the others, each kind on fresh lockd processes
+# (RSS is never given back to the system, so earlier load would inflate it).
+MAIN_SCENARIOS=$SCENARIOS
+RUN_WAITERS=no
+case ",$SCENARIOS," in
+  *,all,*) MAIN_SCENARIOS=uncontended,contended,mixed,memory,scale RUN_WAITERS=yes ;;
+  *,waiters,*)
+    MAIN_SCENARIOS=$(echo ",$SCENARIOS," | sed 's/,waiters,/,/g; s/^,//; s/,$//')
+    RUN_WAITERS=yes ;;
+esac
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "== machine: $(nproc) CPUs, $(redis-server --version | cut -d' ' -f3), load average $LOAD_BEFORE"
 echo "== placement: $PLACEMENT"
 echo "== lockd binary: $LOCKD_BIN"
-echo "== redis $REDIS_URL, lockd :$LOCKD_PORT (pool size ${LOCKD_REDIS_POOL_SIZE:-4}), lockd-memory :$MEMORY_PORT"
+echo "== redis $REDIS_URL (pid $REDIS_PID), lockd :$LOCKD_PORT (pid $LOCKD_PID, pool size ${LOCKD_REDIS_POOL_SIZE:-4}), lockd-memory :$MEMORY_PORT (pid $MEMORY_PID)"
 
 mkdir -p "$ROOT/target/bench"
-JSON="$ROOT/target/bench/lockd-bench-$(date +%Y%m%d-%H%M%S).json"
+STAMP=$(date +%Y%m%d-%H%M%S)
+JSON="$ROOT/target/bench/lockd-bench-$STAMP.json"
 START=$SECONDS
-"${BENCH_PIN[@]}" "$ROOT/target/release/lockd-bench" \
-  --target redis-direct,lockd,lockd-memory \
-  --scenario all \
-  --clients "$CLIENTS" \
-  --connections "$CONNECTIONS" \
-  --duration "$DURATION" \
-  --warmup "$WARMUP" \
-  --redis-url "$REDIS_URL" \
-  --lockd-addr "http://127.0.0.1:$LOCKD_PORT" \
-  --lockd-memory-addr "http://127.0.0.1:$MEMORY_PORT" \
-  --json "$@" >"$JSON"
+BUSY0=$(machine_busy)
+times >"$TMP/times0"
+SERVERS0=$(( $(process_ticks "$REDIS_PID") + $(process_ticks "$LOCKD_PID") + $(process_ticks "$MEMORY_PID") ))
+if [ -n "$MAIN_SCENARIOS" ]; then
+  "${BENCH_PIN[@]}" "$ROOT/target/release/lockd-bench" \
+    --target redis-direct,lockd,lockd-memory \
+    --scenario "$MAIN_SCENARIOS" \
+    --clients "$CLIENTS" \
+    --connections "$CONNECTIONS" \
+    --duration "$DURATION" \
+    --warmup "$WARMUP" \
+    --redis-url "$REDIS_URL" \
+    --lockd-addr "http://127.0.0.1:$LOCKD_PORT" \
+    --lockd-memory-addr "http://127.0.0.1:$MEMORY_PORT" \
+    --redis-pid "$REDIS_PID" \
+    --lockd-pid "$LOCKD_PID" \
+    --lockd-memory-pid "$MEMORY_PID" \
+    --json "$@" >"$JSON"
+fi
+SERVERS1=$(( $(process_ticks "$REDIS_PID") + $(process_ticks "$LOCKD_PID") + $(process_ticks "$MEMORY_PID") ))
+
+if [ "$RUN_WAITERS" = yes ]; then
+  for kind in ${BENCH_WAITER_KINDS:-acquire watch keepalive}; do
+    start_lockd "lockd-waiters-$kind" redis
+    W_PORT=$PORT W_PID=$PID
+    start_lockd "lockd-memory-waiters-$kind" memory
+    M_PORT=$PORT M_PID=$PID
+    echo
+    echo "== waiters ($kind): fresh lockd (pid $W_PID) and lockd-memory (pid $M_PID)"
+    "${BENCH_PIN[@]}" "$ROOT/target/release/lockd-bench" \
+      --target lockd,lockd-memory \
+      --scenario waiters \
+      --waiter-kinds "$kind" \
+      --lockd-addr "http://127.0.0.1:$W_PORT" \
+      --lockd-memory-addr "http://127.0.0.1:$M_PORT" \
+      --lockd-pid "$W_PID" \
+      --lockd-memory-pid "$M_PID" \
+      --json "$@" >"${JSON%.json}-waiters-$kind.json"
+    stop "$W_PID"
+    stop "$M_PID"
+  done
+fi
+
+ELAPSED=$((SECONDS - START))
+BUSY=$(( $(machine_busy) - BUSY0 ))
+times >"$TMP/times1"
+OURS=$(( $(children_ticks "$TMP/times1") - $(children_ticks "$TMP/times0") + SERVERS1 - SERVERS0 ))
 echo
-echo "== benchmark took $((SECONDS - START))s; placement: $PLACEMENT; JSON: $JSON"
-if grep -qiE "error|panic" "$TMP/lockd.log" "$TMP/lockd-memory.log"; then
+echo "== benchmark took ${ELAPSED}s; placement: $PLACEMENT; JSON: ${JSON%.json}*.json"
+echo "== load average before $LOAD_BEFORE, after $(cut -d' ' -f1-3 /proc/loadavg) (the benchmark itself keeps both CPUs busy)"
+awk -v busy="$BUSY" -v ours="$OURS" -v hz="$HZ" -v secs="$ELAPSED" -v cpus="$(nproc)" 'BEGIN {
+  printf "== CPU: %.1f CPU-s used by the machine, %.1f by the benchmark and its servers, %.1f by other processes (of %d available)\n",
+    busy / hz, ours / hz, (busy - ours) / hz, secs * cpus }'
+if grep -qiE "error|panic" "$TMP"/*.log; then
   echo "== lockd logged errors:"
-  grep -hiE "error|panic" "$TMP/lockd.log" "$TMP/lockd-memory.log" | head -20
+  grep -hiE "error|panic" "$TMP"/*.log | head -20
 fi

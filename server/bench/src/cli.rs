@@ -23,7 +23,8 @@ pub struct Args {
     )]
     pub target: Vec<Target>,
 
-    /// Scenarios, comma separated; `all` runs uncontended, contended, mixed and memory.
+    /// Scenarios, comma separated; `all` runs uncontended, contended, mixed, memory, scale and
+    /// waiters.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
     pub scenario: Vec<Scenario>,
 
@@ -63,6 +64,56 @@ pub struct Args {
     /// Locks taken by the memory scenario.
     #[arg(long, default_value_t = 100_000)]
     pub memory_locks: u64,
+
+    /// Held locks pre-loaded into Redis by the scale scenario, comma separated: the uncontended
+    /// load runs once at each level.
+    #[arg(long, value_delimiter = ',', default_value = "1000,1000000")]
+    pub scale_locks: Vec<u64>,
+
+    /// Concurrent clients of the scale scenario's uncontended load.
+    #[arg(long, default_value_t = 16)]
+    pub scale_clients: usize,
+
+    /// Key prefix of the lockd target (its LOCKD_KEY_PREFIX): where the scale scenario writes
+    /// its pre-loaded locks.
+    #[arg(long, default_value = "lockd")]
+    pub key_prefix: String,
+
+    /// Calls the waiters scenario keeps open at once, per kind.
+    #[arg(long, default_value_t = 10_000)]
+    pub waiters: usize,
+
+    /// HTTP/2 connections the waiters scenario spreads its calls over (its own, opened for it).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub waiter_connections: u32,
+
+    /// What the waiters scenario keeps open, comma separated: blocking Acquire calls on one held
+    /// lock, Watch streams, KeepAlive streams (each keeping one lease).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "acquire,watch,keepalive"
+    )]
+    pub waiter_kinds: Vec<WaiterKind>,
+
+    /// wait_timeout of the waiters scenario's blocking Acquires (they are cancelled sooner).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub waiter_wait: Duration,
+
+    /// Process id of the lockd target: its CPU time per operation is reported, and the waiters
+    /// scenario reads its RSS.
+    #[arg(long)]
+    pub lockd_pid: Option<u32>,
+
+    /// Process id of the lockd-memory target (CPU per operation, RSS in the waiters scenario).
+    #[arg(long)]
+    pub lockd_memory_pid: Option<u32>,
+
+    /// Process id of redis-server: its CPU time per operation is reported (redis-direct and
+    /// lockd).
+    #[arg(long)]
+    pub redis_pid: Option<u32>,
 
     /// Redis URL: the Redis of redis-direct, and where the memory scenario reads INFO memory
     /// (it must be the Redis the lockd target uses).
@@ -117,6 +168,10 @@ pub enum Scenario {
     Mixed,
     /// Redis memory per held lock and per released resource.
     Memory,
+    /// Uncontended load with few, then very many locks already held in Redis.
+    Scale,
+    /// lockd's RSS with many blocking Acquires or open streams.
+    Waiters,
     /// Every scenario above.
     All,
 }
@@ -129,7 +184,41 @@ impl Scenario {
             Self::Contended => "contended",
             Self::Mixed => "mixed",
             Self::Memory => "memory",
+            Self::Scale => "scale",
+            Self::Waiters => "waiters",
             Self::All => "all",
+        }
+    }
+}
+
+/// What the waiters scenario keeps open on lockd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WaiterKind {
+    /// Blocking Acquire calls, all waiting for one held lock.
+    Acquire,
+    /// Watch streams, each on its own resource.
+    Watch,
+    /// KeepAlive streams, each keeping one held lease.
+    Keepalive,
+}
+
+impl WaiterKind {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Acquire => "acquire",
+            Self::Watch => "watch",
+            Self::Keepalive => "keepalive",
+        }
+    }
+
+    /// What one open call is, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Acquire => "blocking Acquire",
+            Self::Watch => "Watch stream",
+            Self::Keepalive => "KeepAlive stream",
         }
     }
 }
@@ -142,6 +231,8 @@ impl Args {
             Scenario::Contended,
             Scenario::Mixed,
             Scenario::Memory,
+            Scenario::Scale,
+            Scenario::Waiters,
         ];
         let mut out: Vec<Scenario> = all
             .into_iter()
@@ -194,6 +285,38 @@ impl Args {
             format_duration(self.poll_interval),
             self.memory_locks,
         );
+        let scenarios = self.scenarios();
+        if scenarios.contains(&Scenario::Scale) {
+            let _ = write!(
+                s,
+                " --scale-locks {} --scale-clients {} --key-prefix {}",
+                join(self.scale_locks.iter().map(ToString::to_string).collect()),
+                self.scale_clients,
+                self.key_prefix,
+            );
+        }
+        if scenarios.contains(&Scenario::Waiters) {
+            let mut kinds = self.waiter_kinds.clone();
+            kinds.sort();
+            kinds.dedup();
+            let _ = write!(
+                s,
+                " --waiters {} --waiter-connections {} --waiter-kinds {} --waiter-wait {}",
+                self.waiters,
+                self.waiter_connections,
+                join(kinds.iter().map(|k| k.name().to_owned()).collect()),
+                format_duration(self.waiter_wait),
+            );
+        }
+        for (flag, pid) in [
+            ("--redis-pid", self.redis_pid),
+            ("--lockd-pid", self.lockd_pid),
+            ("--lockd-memory-pid", self.lockd_memory_pid),
+        ] {
+            if let Some(pid) = pid {
+                let _ = write!(s, " {flag} {pid}");
+            }
+        }
         if let Some(url) = &self.redis_url {
             let _ = write!(s, " --redis-url {}", redact_url(url));
         }
@@ -279,7 +402,10 @@ mod tests {
         ]);
         let cmd = args.reproduce("lockd-bench");
         assert!(cmd.contains("--target redis-direct,lockd"), "{cmd}");
-        assert!(cmd.contains("--scenario uncontended,contended,mixed,memory"));
+        assert!(cmd.contains("--scenario uncontended,contended,mixed,memory,scale,waiters"));
+        assert!(cmd.contains("--scale-locks 1000,1000000 --scale-clients 16 --key-prefix lockd"));
+        assert!(cmd.contains("--waiters 10000 --waiter-connections 100"));
+        assert!(cmd.contains("--waiter-kinds acquire,watch,keepalive --waiter-wait 60s"));
         assert!(cmd.contains("--clients 1,16,128,1024 --connections 4 --duration 5s"));
         assert!(cmd.contains("redis://:***@h:1"));
     }

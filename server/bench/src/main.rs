@@ -2,15 +2,19 @@
 //!
 //! Targets: `redis-direct` (redis-rs on multiplexed connections, the naive `SET NX` lock),
 //! `lockd` (gRPC, Redis backend) and `lockd-memory` (gRPC, in-memory backend). Scenarios:
-//! uncontended, contended, mixed and memory. See `lockd-bench --help` and `scripts/bench.sh`.
+//! uncontended, contended, mixed, memory, scale (held locks) and waiters (lockd's RSS). See
+//! `lockd-bench --help` and `scripts/bench.sh`.
 
 mod cli;
 mod error;
 mod memory;
+mod procfs;
 mod report;
+mod scale;
 mod scenario;
 mod stats;
 mod target;
+mod waiters;
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,12 +23,13 @@ use clap::Parser as _;
 
 use crate::cli::{Args, Scenario, Target, format_duration};
 use crate::error::{Error, Result};
-use crate::report::{Report, micros, thousands};
+use crate::procfs::Pids;
+use crate::report::{Report, megabytes, micros, thousands};
 use crate::scenario::Plan;
 use crate::target::Session;
 
 /// Pause between runs, so that cancelled waits and their streams are gone before the next.
-const BETWEEN_RUNS: Duration = Duration::from_millis(200);
+const BETWEEN_RUNS: Duration = Duration::from_millis(100);
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -60,6 +65,17 @@ async fn bench(args: Args) -> Result<()> {
             "--scenario memory reads INFO memory: it needs --redis-url".into(),
         ));
     }
+    if scenarios.contains(&Scenario::Scale) && args.redis_url.is_none() {
+        return Err(Error::Usage(
+            "--scenario scale writes its held locks into Redis: it needs --redis-url".into(),
+        ));
+    }
+    if args.scale_clients == 0 || args.waiters == 0 {
+        return Err(Error::Usage(
+            "--scale-clients and --waiters need positive numbers".into(),
+        ));
+    }
+    let pids = Pids::from_args(&args);
     let program = std::env::args()
         .next()
         .unwrap_or_else(|| "lockd-bench".to_owned());
@@ -80,23 +96,35 @@ async fn bench(args: Args) -> Result<()> {
         wait_timeout: args.wait_timeout,
     };
 
+    let load = [Scenario::Uncontended, Scenario::Contended, Scenario::Mixed];
     let mut runs = Vec::new();
-    for &scenario in scenarios.iter().filter(|s| **s != Scenario::Memory) {
+    for &scenario in scenarios.iter().filter(|s| load.contains(s)) {
         for &clients in &args.clients {
             for session in &sessions {
-                let r = scenario::run(scenario, session, args.connections, clients, &plan, &run_id)
-                    .await?;
+                let r = scenario::run(
+                    scenario,
+                    session,
+                    args.connections,
+                    clients,
+                    &plan,
+                    &run_id,
+                    &pids.serving(session.target()),
+                )
+                .await?;
                 let acquire_p99 = r
                     .latency_of("acquire")
                     .map_or_else(|| "-".to_owned(), |l| micros(l.p99_us));
                 eprintln!(
-                    "[{}] {:<12} clients={:<5} {:>9} ops/s  acquire p99 {:>8}  errors {}",
+                    "[{}] {:<12} clients={:<5} {:>9} ops/s  acquire p99 {:>8}  errors {}  \
+                     server CPU {}",
                     scenario.name(),
                     session.target().name(),
                     clients,
                     thousands(r.ops_per_second),
                     acquire_p99,
                     r.errors.values().sum::<u64>() + r.unexpected,
+                    r.server_us_per_op()
+                        .map_or_else(|| "-".to_owned(), |us| format!("{}/op", micros(us))),
                 );
                 runs.push(r);
                 tokio::time::sleep(BETWEEN_RUNS).await;
@@ -104,31 +132,20 @@ async fn bench(args: Args) -> Result<()> {
         }
     }
 
-    let mut notes = vec![
-        "keepalive is not benchmarked: lockd-bench was specified before lockd had KeepAlive, \
-         and has no scenario for it yet."
-            .to_owned(),
-        "lockd Acquire requests use the defaults of the newer fields: a plain mutex (limit 0), \
-         non-fair waiting, no minimum hold on Release."
-            .to_owned(),
-        "latency is measured by the load generator, per call, from send to reply; ops/s counts \
-         operations completing inside the measured window."
-            .to_owned(),
-        format!(
-            "contended redis-direct is the naive baseline: SET NX retried every {} until \
-             wait-timeout, with no queue and no fairness.",
-            format_duration(args.poll_interval)
-        ),
-        "contended gaps: 'from Release reply' = next holder's Acquire reply minus the previous \
-         holder's Release reply (both stamped in the load generator, negative counted as 0); \
-         'from Release sent' also includes the Release round trip."
-            .to_owned(),
-        format!(
-            "{} connections per target (HTTP/2 channels for lockd, multiplexed connections for \
-             redis-direct); client i uses connection i mod {}.",
-            args.connections, args.connections
-        ),
-    ];
+    let timed = scenarios
+        .iter()
+        .any(|s| load.contains(s) || *s == Scenario::Scale);
+    let mut notes = Vec::new();
+    if timed {
+        notes.extend(load_notes(&args));
+    }
+    if scenarios.contains(&Scenario::Waiters) {
+        notes.push(
+            "waiters: RSS is VmRSS of /proc/<pid>/status, read once lockd has been quiet (CPU \
+             and RSS unchanged) for 0.75 s; 'per call' = (RSS open - RSS before) / open calls."
+                .to_owned(),
+        );
+    }
     let mut memory = Vec::new();
     if scenarios.contains(&Scenario::Memory) {
         let url = args.redis_url.as_deref().unwrap_or_default();
@@ -155,7 +172,98 @@ async fn bench(args: Args) -> Result<()> {
         }
     }
 
-    let report = Report::new(command, run_id, runs, memory, notes);
+    let mut scale = None;
+    if scenarios.contains(&Scenario::Scale) {
+        let opts = scale::Options {
+            redis_url: args.redis_url.clone().unwrap_or_default(),
+            key_prefix: args.key_prefix.clone(),
+            levels: args.scale_locks.clone(),
+            clients: args.scale_clients,
+            connections: args.connections,
+        };
+        let (scale_runs, result) = scale::run(&sessions, &opts, &plan, &run_id, &pids).await?;
+        runs.extend(scale_runs);
+        scale = Some(result);
+        if targets.contains(&Target::LockdMemory) {
+            notes.push(
+                "scale: not run for lockd-memory (its locks live in its own process, where \
+                 the bench cannot pre-load them)."
+                    .to_owned(),
+            );
+        }
+        if targets.contains(&Target::Lockd) {
+            notes.push(format!(
+                "scale: the held locks are written straight into Redis in lockd's layout \
+                 (hash {}:{{<resource>}} with t, o, f, a and a TTL, plus its :fence counter), \
+                 then deleted; --key-prefix must be lockd's.",
+                args.key_prefix
+            ));
+        }
+    }
+
+    let mut waiters = Vec::new();
+    if scenarios.contains(&Scenario::Waiters) {
+        let mut kinds = args.waiter_kinds.clone();
+        kinds.sort();
+        kinds.dedup();
+        for &target in targets.iter().filter(|t| **t != Target::RedisDirect) {
+            let Some(server) = pids.server(target) else {
+                notes.push(format!(
+                    "waiters: not run for {}: its RSS needs --{}-pid.",
+                    target.name(),
+                    target.name()
+                ));
+                continue;
+            };
+            let opts = waiters::Options {
+                address: address(&args, target)?.to_owned(),
+                calls: args.waiters,
+                connections: args.waiter_connections,
+                wait: args.waiter_wait,
+            };
+            for &kind in &kinds {
+                let w = waiters::run(target, server, kind, &opts, &run_id).await?;
+                eprintln!(
+                    "[waiters] {:<12} {:<17} {}/{} open: RSS {} before, {} open, {} after \
+                     ({:.0} bytes per call){}",
+                    target.name(),
+                    kind.describe(),
+                    w.open,
+                    w.calls,
+                    megabytes(w.rss_before),
+                    megabytes(w.rss_open),
+                    megabytes(w.rss_after),
+                    w.bytes_per_call,
+                    if w.errors > 0 {
+                        format!(", {} errors", w.errors)
+                    } else {
+                        String::new()
+                    },
+                );
+                waiters.push(w);
+                tokio::time::sleep(BETWEEN_RUNS).await;
+            }
+        }
+        if targets.contains(&Target::RedisDirect) {
+            notes.push("waiters: not run for redis-direct (no server of its own).".to_owned());
+        }
+    }
+    if pids.is_empty() {
+        notes.push(
+            "server CPU per op: not measured (pass --redis-pid, --lockd-pid, \
+             --lockd-memory-pid)."
+                .to_owned(),
+        );
+    } else {
+        notes.push(
+            "server CPU per op: utime + stime of /proc/<pid>/stat (10 ms ticks) of the \
+             processes that serve the target (redis-direct: redis; lockd: lockd + redis; \
+             lockd-memory: itself) over the measured window, divided by the measured ops."
+                .to_owned(),
+        );
+    }
+
+    let report = Report::new(command, run_id, runs, memory, scale, waiters, notes);
     let table = report.table();
     if args.json {
         eprint!("{table}");
@@ -164,6 +272,35 @@ async fn bench(args: Args) -> Result<()> {
         print!("{table}");
     }
     Ok(())
+}
+
+/// Definitions and caveats of the timed scenarios.
+fn load_notes(args: &Args) -> Vec<String> {
+    vec![
+        "keepalive throughput is not benchmarked (renewals per second); the waiters scenario \
+         measures only the memory of open KeepAlive streams."
+            .to_owned(),
+        "lockd Acquire requests use the defaults of the newer fields: a plain mutex (limit 0), \
+         non-fair waiting, no minimum hold on Release."
+            .to_owned(),
+        "latency is measured by the load generator, per call, from send to reply; ops/s counts \
+         operations completing inside the measured window."
+            .to_owned(),
+        format!(
+            "contended redis-direct is the naive baseline: SET NX retried every {} until \
+             wait-timeout, with no queue and no fairness.",
+            format_duration(args.poll_interval)
+        ),
+        "contended gaps: 'from Release reply' = next holder's Acquire reply minus the previous \
+         holder's Release reply (both stamped in the load generator, negative counted as 0); \
+         'from Release sent' also includes the Release round trip."
+            .to_owned(),
+        format!(
+            "{} connections per target (HTTP/2 channels for lockd, multiplexed connections for \
+             redis-direct); client i uses connection i mod {}.",
+            args.connections, args.connections
+        ),
+    ]
 }
 
 /// A short prefix for this invocation's resource names, so runs never share a lock.

@@ -5,10 +5,18 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::cli::{Scenario, Target};
+use crate::cli::{Scenario, Target, WaiterKind};
 use crate::memory::MemoryResult;
+use crate::scale::ScaleResult;
 use crate::scenario::RunResult;
 use crate::stats::Latency;
+use crate::waiters::WaitersResult;
+
+/// The scale target's tolerance: "does not grow" allows this much, for run-to-run noise.
+const SCALE_TOLERANCE: f64 = 0.15;
+
+/// lockd's RSS limit with 10,000 open calls.
+const RSS_LIMIT: u64 = 100 * 1000 * 1000;
 
 /// Everything one invocation measured.
 #[derive(Debug, Serialize)]
@@ -21,6 +29,10 @@ pub struct Report {
     pub runs: Vec<RunResult>,
     /// The memory scenario, per target.
     pub memory: Vec<MemoryResult>,
+    /// The scale scenario's setup (its runs are in `runs`, with `held_locks`).
+    pub scale: Option<ScaleResult>,
+    /// The waiters scenario, per target and kind.
+    pub waiters: Vec<WaitersResult>,
     /// lockd (and lockd-memory) relative to redis-direct, per scenario and concurrency.
     pub ratios: Vec<Ratio>,
     /// The issue's targets and what was measured.
@@ -64,6 +76,8 @@ impl Report {
         run_id: String,
         runs: Vec<RunResult>,
         memory: Vec<MemoryResult>,
+        scale: Option<ScaleResult>,
+        waiters: Vec<WaitersResult>,
         notes: Vec<String>,
     ) -> Self {
         let mut report = Self {
@@ -71,6 +85,8 @@ impl Report {
             run_id,
             runs,
             memory,
+            scale,
+            waiters,
             ratios: Vec::new(),
             checks: Vec::new(),
             notes,
@@ -88,7 +104,11 @@ impl Report {
 
     fn compute_ratios(&self) -> Vec<Ratio> {
         let mut out = Vec::new();
-        for base in self.runs.iter().filter(|r| r.target == Target::RedisDirect) {
+        for base in self
+            .runs
+            .iter()
+            .filter(|r| r.target == Target::RedisDirect && r.scenario != Scenario::Scale)
+        {
             for target in [Target::Lockd, Target::LockdMemory] {
                 let Some(run) = self.find(base.scenario, target, base.clients) else {
                     continue;
@@ -197,7 +217,122 @@ impl Report {
             }),
             met: mem.map(|m| m.bytes_per_released_resource <= 96.0),
         });
+
+        checks.push(self.scale_check());
+        for kind in [
+            WaiterKind::Acquire,
+            WaiterKind::Watch,
+            WaiterKind::Keepalive,
+        ] {
+            let w = self
+                .waiters
+                .iter()
+                .find(|w| w.target == lockd && w.kind == kind);
+            checks.push(Check {
+                target: format!(
+                    "waiters: lockd RSS < 100 MB with {} open {}s",
+                    w.map_or_else(|| "10,000".to_owned(), |w| thousands(w.calls as f64)),
+                    kind.describe()
+                ),
+                measured: w.map_or_else(not_run, |w| {
+                    format!(
+                        "{} with {} open (before: {}; {:.1} KB per call)",
+                        megabytes(w.rss_open),
+                        thousands(w.open as f64),
+                        megabytes(w.rss_before),
+                        w.bytes_per_call / 1000.0
+                    )
+                }),
+                met: w.map(|w| w.rss_open < RSS_LIMIT && w.open == w.calls),
+            });
+        }
         checks
+    }
+
+    /// The scale runs of `target`, in the order they ran.
+    fn scale_runs(&self, target: Target) -> Vec<&RunResult> {
+        self.runs
+            .iter()
+            .filter(|r| r.scenario == Scenario::Scale && r.target == target)
+            .collect()
+    }
+
+    /// The scale comparison of `target`: the runs at the fewest held locks (before and after
+    /// the others), and the run at the most.
+    fn scale_ends(&self, target: Target) -> Option<ScaleEnds<'_>> {
+        let runs = self.scale_runs(target);
+        let least = runs.iter().filter_map(|r| r.held_locks).min()?;
+        let most = runs.iter().filter_map(|r| r.held_locks).max()?;
+        if least == most {
+            return None;
+        }
+        Some(ScaleEnds {
+            base: runs
+                .iter()
+                .copied()
+                .filter(|r| r.held_locks == Some(least))
+                .collect(),
+            top: runs.iter().copied().find(|r| r.held_locks == Some(most))?,
+        })
+    }
+
+    fn scale_check(&self) -> Check {
+        let ends = self.scale_ends(Target::Lockd);
+        let target = ends.as_ref().map_or_else(
+            || "scale: lockd work per op does not grow with the held locks".to_owned(),
+            |e| {
+                format!(
+                    "scale: lockd work per op (lockd + redis CPU, else 1 / ops/s) does not \
+                     grow between {} and {} held locks (within {:.0}%)",
+                    thousands(e.base[0].held_locks.unwrap_or(0) as f64),
+                    thousands(e.top.held_locks.unwrap_or(0) as f64),
+                    SCALE_TOLERANCE * 100.0
+                )
+            },
+        );
+        let Some(e) = ends else {
+            return Check {
+                target,
+                measured: not_run(),
+                met: None,
+            };
+        };
+        let list = |f: &dyn Fn(&RunResult) -> String| {
+            e.base.iter().map(|r| f(r)).collect::<Vec<_>>().join(" / ")
+        };
+        let p50 = |r: &RunResult| micros(r.latency_of("op").map_or(0.0, |l| l.p50_us));
+        let p99 = |r: &RunResult| micros(r.latency_of("op").map_or(0.0, |l| l.p99_us));
+        let mut measured = format!(
+            "ops/s {} -> {} ({:.2}x), op p50 {} -> {}, p99 {} -> {}",
+            list(&|r| thousands(r.ops_per_second)),
+            thousands(e.top.ops_per_second),
+            e.ops_ratio(),
+            list(&p50),
+            p50(e.top),
+            list(&p99),
+            p99(e.top),
+        );
+        let cpu = e.cpu_ratio();
+        if let Some(ratio) = cpu {
+            let _ = write!(
+                measured,
+                ", lockd+redis CPU per op {} -> {} ({ratio:.2}x)",
+                list(&|r| r.server_us_per_op().map_or_else(String::new, micros)),
+                e.top.server_us_per_op().map_or_else(String::new, micros),
+            );
+        }
+        // Server work per request is the CPU the servers spend per op when it is measured (it
+        // does not move with the load generator's share of the machine); otherwise the
+        // clients' time per op, 1 / ops/s.
+        let met = match cpu {
+            Some(ratio) => ratio <= 1.0 + SCALE_TOLERANCE,
+            None => 1.0 / e.ops_ratio().max(1e-9) <= 1.0 + SCALE_TOLERANCE,
+        };
+        Check {
+            target,
+            measured,
+            met: Some(met),
+        }
     }
 
     /// The results as text tables.
@@ -299,11 +434,16 @@ impl Report {
                         c.wait_timeouts,
                     );
                 }
+                if let Some(line) = cpu_line(run) {
+                    let _ = writeln!(out, "{:>21}{line}", "");
+                }
                 if let Some(e) = &run.first_error {
                     let _ = writeln!(out, "{:>21}first error: {e}", "");
                 }
             }
         }
+        self.scale_table(&mut out);
+        self.waiters_table(&mut out);
 
         if !self.memory.is_empty() {
             let _ = writeln!(
@@ -357,13 +497,23 @@ impl Report {
         }
 
         let _ = writeln!(out, "\n== issue targets ==");
+        let mut not_run = 0;
         for c in &self.checks {
             let verdict = match c.met {
                 Some(true) => "MET    ",
                 Some(false) => "MISSED ",
-                None => "not run",
+                None => {
+                    not_run += 1;
+                    continue;
+                }
             };
             let _ = writeln!(out, "{verdict} {}: {}", c.target, c.measured);
+        }
+        if not_run > 0 {
+            let _ = writeln!(
+                out,
+                "({not_run} more need scenarios or targets that were not part of this run)"
+            );
         }
         let _ = writeln!(out, "\nnotes:");
         for n in &self.notes {
@@ -372,6 +522,198 @@ impl Report {
         let _ = writeln!(out, "\nreproduce: {}", self.command);
         out
     }
+}
+
+impl Report {
+    fn scale_table(&self, out: &mut String) {
+        let Some(scale) = &self.scale else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "\n== scale: uncontended, {} clients, with N locks already held in Redis ==",
+            scale.clients
+        );
+        for l in &scale.levels {
+            let rehash = l.rehash_wait_s.map_or_else(
+                || "rehash not checked: DEBUG HTSTATS refused".to_owned(),
+                |s| format!("rehash done {s:.1}s later"),
+            );
+            let _ = writeln!(
+                out,
+                "N = {:>10}: {} keys in Redis, used_memory {} (pre-loaded in {:.1}s, {rehash})",
+                format!(
+                    "{}{}",
+                    thousands(l.held_locks as f64),
+                    if l.repeat { "*" } else { "" }
+                ),
+                thousands(l.keys as f64),
+                megabytes(u64::try_from(l.used_memory).unwrap_or(0)),
+                l.preload_s
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{:<13}{:>10}{:>10}{:>10}{:>10}{:>12}{:>10}  server CPU per op",
+            "target", "held", "ops/s", "op p50", "op p99", "acquire p99", "errors"
+        );
+        let targets = [Target::RedisDirect, Target::Lockd];
+        for target in targets {
+            for r in self.scale_runs(target) {
+                let lat = |name: &str, f: fn(&Latency) -> f64| {
+                    r.latency_of(name)
+                        .map_or_else(|| "-".to_owned(), |l| micros(f(l)))
+                };
+                let held = format!(
+                    "{}{}",
+                    thousands(r.held_locks.unwrap_or(0) as f64),
+                    if r.scale_repeat { "*" } else { "" }
+                );
+                let _ = writeln!(
+                    out,
+                    "{:<13}{:>10}{:>10}{:>10}{:>10}{:>12}{:>10}  {}",
+                    target.name(),
+                    held,
+                    thousands(r.ops_per_second),
+                    lat("op", |l| l.p50_us),
+                    lat("op", |l| l.p99_us),
+                    lat("acquire", |l| l.p99_us),
+                    r.errors.values().sum::<u64>() + r.unexpected,
+                    cpu_line(r).unwrap_or_else(|| "-".to_owned()),
+                );
+            }
+        }
+        for target in targets {
+            let Some(e) = self.scale_ends(target) else {
+                continue;
+            };
+            let mean = |f: fn(&Latency) -> f64| {
+                e.base
+                    .iter()
+                    .map(|r| r.latency_of("op").map_or(0.0, f))
+                    .sum::<f64>()
+                    / e.base.len() as f64
+            };
+            let top = |f: fn(&Latency) -> f64| e.top.latency_of("op").map_or(0.0, f);
+            let cpu = e
+                .cpu_ratio()
+                .map_or_else(String::new, |r| format!(", server CPU per op {r:.2}x"));
+            let _ = writeln!(
+                out,
+                "{:<13}{} held vs {} (mean of {} runs): ops/s {:.2}x, op p50 {:.2}x, op p99 \
+                 {:.2}x{cpu}",
+                target.name(),
+                thousands(e.top.held_locks.unwrap_or(0) as f64),
+                thousands(e.base[0].held_locks.unwrap_or(0) as f64),
+                e.base.len(),
+                e.ops_ratio(),
+                top(|l| l.p50_us) / mean(|l| l.p50_us).max(1e-9),
+                top(|l| l.p99_us) / mean(|l| l.p99_us).max(1e-9),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "* = measured again after the largest level was deleted; pre-loaded keys deleted: {} \
+             in {:.1}s",
+            thousands(scale.keys_deleted as f64),
+            scale.cleanup_s
+        );
+    }
+
+    fn waiters_table(&self, out: &mut String) {
+        let Some(first) = self.waiters.first() else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "\n== waiters: lockd's RSS (VmRSS) with {} calls held open over {} HTTP/2 \
+             connections ==",
+            thousands(first.calls as f64),
+            first.connections
+        );
+        let _ = writeln!(
+            out,
+            "{:<13}{:<18}{:>8}{:>12}{:>12}{:>12}{:>12}{:>8}{:>8}",
+            "target",
+            "open calls",
+            "open",
+            "RSS before",
+            "RSS open",
+            "RSS after",
+            "per call",
+            "ended",
+            "errors"
+        );
+        for w in &self.waiters {
+            let _ = writeln!(
+                out,
+                "{:<13}{:<18}{:>8}{:>12}{:>12}{:>12}{:>12}{:>8}{:>8}{}",
+                w.target.name(),
+                w.kind.describe(),
+                w.open,
+                megabytes(w.rss_before),
+                megabytes(w.rss_open),
+                megabytes(w.rss_after),
+                format!("{:.1} KB", w.bytes_per_call / 1000.0),
+                w.ended_early,
+                w.errors,
+                if w.settled {
+                    ""
+                } else {
+                    "  (lockd was still busy when read)"
+                },
+            );
+            if let Some(e) = &w.first_error {
+                let _ = writeln!(out, "{:>14}first error: {e}", "");
+            }
+        }
+    }
+}
+
+/// The scale runs of one target that its check compares.
+struct ScaleEnds<'a> {
+    /// The runs at the fewest held locks (first and repeated).
+    base: Vec<&'a RunResult>,
+    /// The run at the most held locks.
+    top: &'a RunResult,
+}
+
+impl ScaleEnds<'_> {
+    /// ops/s at the most held locks, over the mean at the fewest.
+    fn ops_ratio(&self) -> f64 {
+        let base = self.base.iter().map(|r| r.ops_per_second).sum::<f64>() / self.base.len() as f64;
+        self.top.ops_per_second / base.max(1e-9)
+    }
+
+    /// Server CPU per op at the most held locks, over the mean at the fewest, if measured.
+    fn cpu_ratio(&self) -> Option<f64> {
+        let base: Option<Vec<f64>> = self.base.iter().map(|r| r.server_us_per_op()).collect();
+        let base = base?;
+        let mean = base.iter().sum::<f64>() / base.len() as f64;
+        Some(self.top.server_us_per_op()? / mean.max(1e-9))
+    }
+}
+
+/// "server CPU: lockd 44us + redis 29us per op (1.20 + 0.80 CPU-s)", when measured.
+fn cpu_line(run: &RunResult) -> Option<String> {
+    let total = run.server_us_per_op()?;
+    let parts: Vec<String> = run
+        .server_cpu
+        .iter()
+        .map(|c| format!("{} {}", c.process.name, micros(c.us_per_op)))
+        .collect();
+    let secs: Vec<String> = run
+        .server_cpu
+        .iter()
+        .map(|c| format!("{:.2}", c.cpu_seconds))
+        .collect();
+    Some(format!(
+        "server CPU per op: {} = {} ({} CPU-s in {:.1}s)",
+        parts.join(" + "),
+        micros(total),
+        secs.join(" + "),
+        run.elapsed_s
+    ))
 }
 
 /// `op` first, then the RPCs in a fixed order.
@@ -405,6 +747,11 @@ pub fn thousands(v: f64) -> String {
         out.push(c);
     }
     out
+}
+
+/// Bytes as MB (10^6 bytes) with one decimal: `31.4 MB`.
+pub fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 /// Microseconds in the most readable unit: `87us`, `1.25ms`, `2.10s`.

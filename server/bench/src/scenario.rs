@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Scenario, Target};
 use crate::error::Result;
+use crate::procfs::{self, CpuUse, Process};
 use crate::stats::{self, Latency, Recorder};
 use crate::target::{Client, Session};
 
@@ -147,6 +148,14 @@ pub struct RunResult {
     pub unexpected: u64,
     /// The contended scenario's hand-off figures.
     pub contention: Option<Contention>,
+    /// CPU time of the server processes inside the measured window (those with a known pid).
+    pub server_cpu: Vec<CpuUse>,
+    /// The scale scenario: locks held in Redis (pre-loaded) during this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_locks: Option<u64>,
+    /// The scale scenario: this run repeats the smallest level, after the largest.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub scale_repeat: bool,
 }
 
 impl RunResult {
@@ -177,7 +186,15 @@ impl RunResult {
             first_error: rec.first_error.clone(),
             unexpected: rec.unexpected,
             contention: None,
+            server_cpu: Vec::new(),
+            held_locks: None,
+            scale_repeat: false,
         }
+    }
+
+    /// CPU microseconds per operation of all the server processes together, if measured.
+    pub fn server_us_per_op(&self) -> Option<f64> {
+        (!self.server_cpu.is_empty()).then(|| self.server_cpu.iter().map(|c| c.us_per_op).sum())
     }
 
     /// The latency summary of `name`, if it was measured.
@@ -219,7 +236,8 @@ fn resource(run_id: &str, tag: &str, clients: usize, i: usize) -> String {
     format!("{run_id}-{tag}{clients}-{i}")
 }
 
-/// Runs `scenario` (uncontended, contended or mixed) with `clients` clients on `session`.
+/// Runs `scenario` (uncontended, contended or mixed; scale runs the uncontended load) with
+/// `clients` clients on `session`, and measures the CPU time `servers` use in the window.
 ///
 /// # Errors
 /// Fails when a worker panics, or the mixed scenario cannot take its held resources.
@@ -230,12 +248,36 @@ pub async fn run(
     clients: usize,
     plan: &Plan,
     run_id: &str,
+    servers: &[Process],
 ) -> Result<RunResult> {
-    match scenario {
-        Scenario::Contended => contended(session, connections, clients, plan, run_id).await,
-        Scenario::Mixed => mixed(session, connections, clients, plan, run_id).await,
-        _ => uncontended(session, connections, clients, plan, run_id).await,
+    let clock = Clock::start(plan);
+    let probe = {
+        let (clock, servers) = (clock.clone(), servers.to_vec());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(clock.from).await;
+            let before = procfs::cpu_snapshot(&servers);
+            clock.stop.cancelled().await;
+            (before, procfs::cpu_snapshot(&servers))
+        })
+    };
+    let mut result = match scenario {
+        Scenario::Contended => contended(session, connections, clients, plan, run_id, &clock).await,
+        Scenario::Mixed => mixed(session, connections, clients, plan, run_id, &clock).await,
+        Scenario::Scale => {
+            let mut r = uncontended(session, connections, clients, plan, run_id, &clock, "s").await;
+            if let Ok(r) = &mut r {
+                r.scenario = Scenario::Scale;
+            }
+            r
+        }
+        _ => uncontended(session, connections, clients, plan, run_id, &clock, "u").await,
+    };
+    clock.stop.cancel();
+    let (before, after) = probe.await?;
+    if let Ok(r) = &mut result {
+        r.server_cpu = procfs::cpu_between(&before, &after, r.ops);
     }
+    result
 }
 
 /// One operation = Acquire (no wait) then Release, each client on its own resource.
@@ -245,13 +287,14 @@ async fn uncontended(
     clients: usize,
     plan: &Plan,
     run_id: &str,
+    clock: &Arc<Clock>,
+    tag: &str,
 ) -> Result<RunResult> {
-    let clock = Clock::start(plan);
     let mut set = JoinSet::new();
     for i in 0..clients {
         let mut client = session.client(i);
         let clock = clock.clone();
-        let res = resource(run_id, "u", clients, i);
+        let res = resource(run_id, tag, clients, i);
         let ttl = plan.ttl;
         set.spawn(async move {
             let mut rec = Recorder::default();
@@ -267,7 +310,7 @@ async fn uncontended(
         session,
         clients,
         connections,
-        &clock,
+        clock,
         &rec,
     ))
 }
@@ -338,10 +381,10 @@ async fn contended(
     clients: usize,
     plan: &Plan,
     run_id: &str,
+    clock: &Arc<Clock>,
 ) -> Result<RunResult> {
     let res: Arc<str> = resource(run_id, "c", clients, 0).into();
     let seq = Arc::new(AtomicU64::new(0));
-    let clock = Clock::start(plan);
     let mut set = JoinSet::new();
     for i in 0..clients {
         let mut client = session.client(i);
@@ -419,7 +462,7 @@ async fn contended(
         session,
         clients,
         connections,
-        &clock,
+        clock,
         &rec,
     );
     result.contention = Some(handoffs(
@@ -503,6 +546,7 @@ async fn mixed(
     clients: usize,
     plan: &Plan,
     run_id: &str,
+    clock: &Arc<Clock>,
 ) -> Result<RunResult> {
     let mut setup = session.client(clients);
     let held: Vec<String> = (0..MIXED_HELD)
@@ -518,7 +562,6 @@ async fn mixed(
         }
     }
     let held = Arc::new(held);
-    let clock = Clock::start(plan);
     let mut set = JoinSet::new();
     for i in 0..clients {
         let mut client = session.client(i);
@@ -574,7 +617,7 @@ async fn mixed(
         session,
         clients,
         connections,
-        &clock,
+        clock,
         &rec,
     ))
 }

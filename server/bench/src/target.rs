@@ -116,7 +116,10 @@ pub async fn redis_connection(url: &str) -> Result<MultiplexedConnection> {
 }
 
 /// One HTTP/2 connection to lockd (each `connect` opens its own), retried while lockd starts.
-async fn grpc_channel(address: &str) -> Result<LockServiceClient<Channel>> {
+///
+/// # Errors
+/// Fails when the address is invalid or lockd does not accept connections within 15s.
+pub async fn grpc_channel(address: &str) -> Result<LockServiceClient<Channel>> {
     let endpoint = Endpoint::from_shared(address.to_owned())?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(2));
@@ -134,7 +137,8 @@ fn direct_key(resource: &str) -> String {
     format!("{DIRECT_PREFIX}:{{{resource}}}")
 }
 
-fn proto_duration(d: Duration) -> prost_types::Duration {
+/// `d` as a protobuf Duration.
+pub fn proto_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
