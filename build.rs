@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .server_mod_attribute("lockd.v1", "#[cfg(feature = \"server\")]")
         .client_mod_attribute("lockd.v1", "#[cfg(feature = \"client\")]")
+        // Small starting buffers: see `Codec` in proto/lib.rs.
+        .codec_path("crate::Codec")
         .compile_fds(fds)?;
     // Neither protox nor compile_fds prints this itself.
     println!("cargo:rerun-if-changed=proto");

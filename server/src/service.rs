@@ -220,7 +220,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let scope = request::WatchScope::parse(request.into_inner())?;
         let (mut rx, guard) = self.events.subscribe();
-        let (tx, out) = tokio::sync::mpsc::channel(64);
+        let (tx, out) = tokio::sync::mpsc::channel(16);
         let shutdown = self.shutdown.clone();
         // A task per watcher, so a watcher that went away is noticed (tx.closed) even when no
         // events flow, and shutdown ends the stream.

@@ -35,7 +35,8 @@ pub async fn acquire<B: Backend>(
     shutdown: &CancellationToken,
 ) -> Result<AcquireOutcome> {
     if wait.is_zero() {
-        return backend.acquire(params).await;
+        // Boxed here too: a future is as large as its largest state.
+        return Box::pin(backend.acquire(params)).await;
     }
     let deadline = Instant::now() + wait;
     let registration = waiters.register(&params.resource, params.fair.as_deref());
@@ -46,7 +47,9 @@ pub async fn acquire<B: Backend>(
     });
     loop {
         let started = Instant::now();
-        let busy: Busy = match backend.acquire(params).await? {
+        // Boxed: a parked waiter then keeps a pointer, not the backend call's whole state
+        // (several KiB for Redis), which matters with thousands of waiters.
+        let busy: Busy = match Box::pin(backend.acquire(params)).await? {
             AcquireOutcome::Acquired(lease) => {
                 // The grant already took the waiter out of the fair queue.
                 if let Some(l) = leave_queue.as_mut() {

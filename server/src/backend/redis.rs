@@ -45,6 +45,9 @@ pub struct RedisBackend {
     pool: Pool,
     /// The shared multiplexed connections; `None` until first use or after a failure.
     conns: Box<[Mutex<Option<MultiplexedConnection>>]>,
+    /// One per slot, held while that slot connects, so a burst of requests (at start, or when
+    /// Redis comes back) opens one connection per slot, not one per request.
+    connecting: Box<[tokio::sync::Mutex<()>]>,
     /// Round-robin cursor over `conns`.
     next: AtomicUsize,
     scripts: Scripts,
@@ -116,6 +119,9 @@ impl RedisBackend {
         let backend = Arc::new(Self {
             pool,
             conns: (0..config.pool_size).map(|_| Mutex::new(None)).collect(),
+            connecting: (0..config.pool_size)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             next: AtomicUsize::new(0),
             scripts: Scripts::new(),
             prefix: config.key_prefix.clone(),
@@ -149,7 +155,13 @@ impl RedisBackend {
         if let Some(c) = slot.lock().unwrap_or_else(PoisonError::into_inner).clone() {
             return Ok((i, c));
         }
-        let c = deadpool_redis::Connection::take(self.pool.get().await?);
+        let _connecting = self.connecting[i].lock().await;
+        // Another request may have connected the slot while this one waited.
+        if let Some(c) = slot.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+            return Ok((i, c));
+        }
+        // Boxed: connecting is rare, and its future would otherwise enlarge every call's.
+        let c = deadpool_redis::Connection::take(Box::pin(self.pool.get()).await?);
         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(c.clone());
         Ok((i, c))
     }

@@ -104,7 +104,8 @@ impl<B: Backend> Session<B> {
             let lease = KeptLease::parse(r, &self.limits)?;
             self.leases
                 .remove(&(lease.resource.clone(), lease.token.expose().to_owned()));
-            let outcome = self.backend.release(&self.release_params(&lease)).await?;
+            // Boxed: a rare step, whose state would otherwise enlarge every session's task.
+            let outcome = Box::pin(self.backend.release(&self.release_params(&lease))).await?;
             info!(resource = %lease.resource, outcome = "released", "keepalive");
             states.push(pb::LeaseState {
                 released: outcome.status == LeaseStatus::Ok,
