@@ -2,11 +2,13 @@
 # Full lockd benchmark: builds in release, starts its own redis-server and two lockd servers
 # (one on that Redis, one with its in-memory backend), runs lockd-bench against redis-direct,
 # lockd and lockd-memory (all scenarios, 1/16/128/1024 clients), prints the table, and stops
-# everything it started on exit. About 2.5 minutes after the build.
+# everything it started on exit. About 3 minutes after the build.
 #
-# Scenarios: uncontended, contended, mixed, memory (Redis bytes per lock), scale (1,000 then
-# 1,000,000 locks held in Redis) in one lockd-bench run; then waiters (lockd's RSS with 10,000
-# blocking Acquires, Watch streams, KeepAlive streams), each kind against fresh lockd processes.
+# Scenarios: uncontended, contended, mixed, keepalive (one held lease per client renewed
+# back-to-back: KeepAlive stream heartbeats; redis-direct: compare-and-PEXPIRE), memory (Redis
+# bytes per lock), scale (1,000 then 1,000,000 locks held in Redis) in one lockd-bench run;
+# then waiters (lockd's RSS with 10,000 blocking Acquires, Watch streams, KeepAlive streams),
+# each kind against fresh lockd processes.
 # lockd-bench gets the servers' pids, to report their CPU time per operation and lockd's RSS.
 #
 # Placement (2+ cores, taskset available): redis-server and both lockd on CPU 1, the load
@@ -158,7 +160,7 @@ MEMORY_PORT=$PORT MEMORY_PID=$PID
 MAIN_SCENARIOS=$SCENARIOS
 RUN_WAITERS=no
 case ",$SCENARIOS," in
-  *,all,*) MAIN_SCENARIOS=uncontended,contended,mixed,memory,scale RUN_WAITERS=yes ;;
+  *,all,*) MAIN_SCENARIOS=uncontended,contended,mixed,keepalive,memory,scale RUN_WAITERS=yes ;;
   *,waiters,*)
     MAIN_SCENARIOS=$(echo ",$SCENARIOS," | sed 's/,waiters,/,/g; s/^,//; s/,$//')
     RUN_WAITERS=yes ;;

@@ -23,8 +23,8 @@ pub struct Args {
     )]
     pub target: Vec<Target>,
 
-    /// Scenarios, comma separated; `all` runs uncontended, contended, mixed, memory, scale and
-    /// waiters.
+    /// Scenarios, comma separated; `all` runs uncontended, contended, mixed, keepalive, memory,
+    /// scale and waiters.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "all")]
     pub scenario: Vec<Scenario>,
 
@@ -166,6 +166,9 @@ pub enum Scenario {
     Contended,
     /// 80% IsLocked/GetOwner, 20% Acquire+Release.
     Mixed,
+    /// Every client holds one lease and renews it back-to-back: heartbeats on its own KeepAlive
+    /// stream (redis-direct: a compare-and-PEXPIRE script).
+    Keepalive,
     /// Redis memory per held lock and per released resource.
     Memory,
     /// Uncontended load with few, then very many locks already held in Redis.
@@ -183,6 +186,7 @@ impl Scenario {
             Self::Uncontended => "uncontended",
             Self::Contended => "contended",
             Self::Mixed => "mixed",
+            Self::Keepalive => "keepalive",
             Self::Memory => "memory",
             Self::Scale => "scale",
             Self::Waiters => "waiters",
@@ -230,6 +234,7 @@ impl Args {
             Scenario::Uncontended,
             Scenario::Contended,
             Scenario::Mixed,
+            Scenario::Keepalive,
             Scenario::Memory,
             Scenario::Scale,
             Scenario::Waiters,
@@ -402,7 +407,9 @@ mod tests {
         ]);
         let cmd = args.reproduce("lockd-bench");
         assert!(cmd.contains("--target redis-direct,lockd"), "{cmd}");
-        assert!(cmd.contains("--scenario uncontended,contended,mixed,memory,scale,waiters"));
+        assert!(
+            cmd.contains("--scenario uncontended,contended,mixed,keepalive,memory,scale,waiters")
+        );
         assert!(cmd.contains("--scale-locks 1000,1000000 --scale-clients 16 --key-prefix lockd"));
         assert!(cmd.contains("--waiters 10000 --waiter-connections 100"));
         assert!(cmd.contains("--waiter-kinds acquire,watch,keepalive --waiter-wait 60s"));

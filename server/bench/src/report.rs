@@ -351,6 +351,11 @@ impl Report {
                 Scenario::Mixed,
                 "1 op = IsLocked 40% | GetOwner 40% | Acquire + Release 20%",
             ),
+            (
+                Scenario::Keepalive,
+                "1 op = one renewal of the client's held lease (KeepAlive heartbeat; \
+                 redis-direct: compare-and-PEXPIRE)",
+            ),
         ];
         for (scenario, what) in scenarios {
             let runs: Vec<&RunResult> = self
@@ -720,6 +725,7 @@ fn cpu_line(run: &RunResult) -> Option<String> {
 fn ordered(latency: &[Latency]) -> Vec<&Latency> {
     let rank = |n: &str| match n {
         "op" => 0,
+        "renew" => 1,
         "acquire" => 1,
         "release" => 2,
         "is_locked" => 3,

@@ -1,4 +1,4 @@
-//! The load scenarios: uncontended, contended and mixed. Each run spawns one task per client,
+//! The load scenarios: uncontended, contended, mixed and keepalive. Each run spawns one task per client,
 //! each with one request in flight, and merges what the tasks measured.
 //!
 //! Timing: a run warms up for `warmup`, then measures until `duration` has passed (or `ops`
@@ -236,7 +236,7 @@ fn resource(run_id: &str, tag: &str, clients: usize, i: usize) -> String {
     format!("{run_id}-{tag}{clients}-{i}")
 }
 
-/// Runs `scenario` (uncontended, contended or mixed; scale runs the uncontended load) with
+/// Runs `scenario` (uncontended, contended, mixed or keepalive; scale runs the uncontended load) with
 /// `clients` clients on `session`, and measures the CPU time `servers` use in the window.
 ///
 /// # Errors
@@ -263,6 +263,7 @@ pub async fn run(
     let mut result = match scenario {
         Scenario::Contended => contended(session, connections, clients, plan, run_id, &clock).await,
         Scenario::Mixed => mixed(session, connections, clients, plan, run_id, &clock).await,
+        Scenario::Keepalive => keepalive(session, connections, clients, plan, run_id, &clock).await,
         Scenario::Scale => {
             let mut r = uncontended(session, connections, clients, plan, run_id, &clock, "s").await;
             if let Ok(r) = &mut r {
@@ -614,6 +615,109 @@ async fn mixed(
     }
     Ok(RunResult::new(
         Scenario::Mixed,
+        session,
+        clients,
+        connections,
+        clock,
+        &rec,
+    ))
+}
+
+/// One operation = one renewal of the client's own held lease, its reply awaited before the
+/// next: a heartbeat on the client's KeepAlive stream (lockd), or the compare-and-PEXPIRE
+/// script (redis-direct). Each client takes its lease and opens its stream during the warm-up;
+/// a renewal that reports the lease lost counts as an error (`renew_lost`), and the client
+/// takes a new lease. At the end the leases are released (lockd: through the stream).
+async fn keepalive(
+    session: &Session,
+    connections: u32,
+    clients: usize,
+    plan: &Plan,
+    run_id: &str,
+    clock: &Arc<Clock>,
+) -> Result<RunResult> {
+    let mut set = JoinSet::new();
+    for i in 0..clients {
+        let mut client = session.client(i);
+        let clock = clock.clone();
+        let res = resource(run_id, "k", clients, i);
+        let ttl = plan.ttl;
+        set.spawn(async move {
+            let mut rec = Recorder::default();
+            while !clock.is_over() {
+                let token = match client.acquire(&res, ttl, None).await {
+                    Ok(Some(token)) => token,
+                    Ok(None) => {
+                        rec.unexpected += 1;
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        rec.error("acquire", &e);
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                        continue;
+                    }
+                };
+                let mut renewal = match client.keep_alive(&res, &token, ttl).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        rec.error("keepalive_open", &e);
+                        let _ = client.release(&res, &token).await;
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                        continue;
+                    }
+                };
+                let mut held = true;
+                while held && !clock.is_over() {
+                    let t0 = Instant::now();
+                    let renewed = renewal.renew().await;
+                    let t1 = Instant::now();
+                    match renewed {
+                        Ok(true) => {
+                            if clock.counts(t1) {
+                                rec.latency("renew", t1 - t0);
+                            }
+                            if clock.op_done(t1) {
+                                rec.latency("op", t1 - t0);
+                            }
+                        }
+                        Ok(false) => {
+                            *rec.errors.entry("renew_lost").or_default() += 1;
+                            if rec.first_error.is_none() {
+                                rec.first_error = Some(format!("renew: lease on {res} lost"));
+                            }
+                            held = false;
+                        }
+                        Err(e) => {
+                            rec.error("renew", &e);
+                            held = false;
+                        }
+                    }
+                }
+                // Free the lease: lockd through the stream, redis-direct with its script. A
+                // lost lease has nothing to free (lockd closes the stream on drop).
+                if held {
+                    let released = if renewal.is_stream() {
+                        renewal.release().await
+                    } else {
+                        client.release(&res, &token).await
+                    };
+                    match released {
+                        Ok(true) => {}
+                        Ok(false) => rec.unexpected += 1,
+                        Err(e) => rec.error("release", &e),
+                    }
+                } else {
+                    drop(renewal);
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                }
+            }
+            rec
+        });
+    }
+    let rec = join(set).await?;
+    Ok(RunResult::new(
+        Scenario::Keepalive,
         session,
         clients,
         connections,

@@ -4,6 +4,10 @@
 //!   to take it, a compare-and-delete script (EVALSHA through `redis::Script`) to free it, `PTTL`
 //!   and `GET` to inspect it, and for a blocking take a `SET NX` retry loop with a short sleep.
 //! - lockd and lockd-memory are the generated gRPC client; lockd generates the tokens.
+//!
+//! Keeping a lease alive ([`Client::keep_alive`]): redis-direct renews with a compare-and-
+//! `PEXPIRE` script (EVALSHA), as Redis lock libraries extend; lockd opens one KeepAlive stream
+//! naming the lease, and every further (empty) message on it is a heartbeat that renews it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +16,9 @@ use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, AsyncConnectionConfig, Value};
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::lock_service_client::LockServiceClient;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::Target;
@@ -29,6 +35,18 @@ end
 return 0
 ";
 
+/// Sets the expiry of KEYS[1] to ARGV[2] ms only if it holds the token ARGV[1]. Returns 1 when
+/// renewed, 0 otherwise.
+const COMPARE_AND_PEXPIRE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Messages queued on a KeepAlive stream's request side (one is in flight at a time).
+const KEEPALIVE_BUFFER: usize = 4;
+
 /// How long a lockd target may take to accept connections (it may still be starting).
 const CONNECT_PATIENCE: Duration = Duration::from_secs(15);
 
@@ -37,6 +55,7 @@ pub struct Session {
     target: Target,
     conns: Vec<Conn>,
     release: Arc<redis::Script>,
+    extend: Arc<redis::Script>,
     poll_interval: Duration,
 }
 
@@ -50,6 +69,7 @@ enum Conn {
 pub struct Client {
     conn: Conn,
     release: Arc<redis::Script>,
+    extend: Arc<redis::Script>,
     poll_interval: Duration,
     owner: String,
     /// redis-direct tokens are `<owner>-<n>`; lockd generates its own.
@@ -78,6 +98,7 @@ impl Session {
             target,
             conns,
             release: Arc::new(redis::Script::new(COMPARE_AND_DELETE)),
+            extend: Arc::new(redis::Script::new(COMPARE_AND_PEXPIRE)),
             poll_interval,
         })
     }
@@ -93,6 +114,7 @@ impl Session {
         Client {
             conn: self.conns[index % self.conns.len()].clone(),
             release: self.release.clone(),
+            extend: self.extend.clone(),
             poll_interval: self.poll_interval,
             owner: format!("bench-client-{:07}", index % 10_000_000),
             next_token: 0,
@@ -295,5 +317,165 @@ impl Client {
                 Ok(reply.into_inner().holder.is_some())
             }
         }
+    }
+
+    /// Starts keeping the lease `token` on `resource` alive with renewals of `ttl`. lockd: opens
+    /// a KeepAlive stream whose first message names the lease, and waits for its reply (which
+    /// must say OK); redis-direct: nothing to open.
+    ///
+    /// # Errors
+    /// Fails when the stream cannot be opened, or its first reply does not renew the lease.
+    pub async fn keep_alive(
+        &mut self,
+        resource: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Renewal> {
+        match &mut self.conn {
+            Conn::Redis(conn) => Ok(Renewal::Redis {
+                conn: conn.clone(),
+                script: self.extend.clone(),
+                key: direct_key(resource),
+                token: token.to_owned(),
+                ttl_ms: millis(ttl),
+            }),
+            Conn::Grpc(client) => {
+                let lease = pb::LeaseRef {
+                    resource: resource.to_owned(),
+                    token: token.to_owned(),
+                    ttl: Some(proto_duration(ttl)),
+                };
+                let (tx, rx) = mpsc::channel(KEEPALIVE_BUFFER);
+                let first = pb::KeepAliveRequest {
+                    keep: vec![lease.clone()],
+                    ..Default::default()
+                };
+                tx.try_send(first)
+                    .map_err(|_| Error::Unexpected("KeepAlive buffer full".into()))?;
+                let replies = client
+                    .keep_alive(ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                let mut renewal = Renewal::Grpc { tx, replies, lease };
+                if !renewal.reply().await? {
+                    return Err(Error::Unexpected(format!(
+                        "KeepAlive did not renew {resource} on its first message"
+                    )));
+                }
+                Ok(renewal)
+            }
+        }
+    }
+}
+
+/// One lease kept alive: a KeepAlive stream (lockd), or what the renewal script needs
+/// (redis-direct).
+pub enum Renewal {
+    /// redis-direct: compare-and-`PEXPIRE` on the lock's key.
+    Redis {
+        /// The connection the renewals go to.
+        conn: MultiplexedConnection,
+        /// The compare-and-`PEXPIRE` script (EVALSHA).
+        script: Arc<redis::Script>,
+        /// The lock's key.
+        key: String,
+        /// The lease's token.
+        token: String,
+        /// The TTL each renewal sets, in ms.
+        ttl_ms: u64,
+    },
+    /// lockd: a KeepAlive stream that keeps the lease.
+    Grpc {
+        /// The stream's request side.
+        tx: mpsc::Sender<pb::KeepAliveRequest>,
+        /// The stream's replies.
+        replies: tonic::Streaming<pb::KeepAliveResponse>,
+        /// The lease, to release it at the end.
+        lease: pb::LeaseRef,
+    },
+}
+
+impl Renewal {
+    /// Renews the lease once and waits for the outcome: lockd, one empty heartbeat on the
+    /// stream and its reply; redis-direct, one script call. Returns whether the lease was
+    /// renewed (false: it is lost).
+    ///
+    /// # Errors
+    /// Fails when the target fails or the stream ended.
+    pub async fn renew(&mut self) -> Result<bool> {
+        match self {
+            Self::Redis {
+                conn,
+                script,
+                key,
+                token,
+                ttl_ms,
+            } => {
+                let renewed: i64 = script
+                    .key(key.as_str())
+                    .arg(token.as_str())
+                    .arg(*ttl_ms)
+                    .invoke_async(conn)
+                    .await?;
+                Ok(renewed == 1)
+            }
+            Self::Grpc { tx, .. } => {
+                tx.send(pb::KeepAliveRequest::default())
+                    .await
+                    .map_err(|_| Error::Unexpected("KeepAlive stream closed".into()))?;
+                self.reply().await
+            }
+        }
+    }
+
+    /// lockd: the next reply on the stream; true when it reports the lease renewed (OK, not
+    /// released).
+    async fn reply(&mut self) -> Result<bool> {
+        let Self::Grpc { replies, lease, .. } = self else {
+            return Ok(true);
+        };
+        let Some(reply) = replies.message().await? else {
+            return Err(Error::Unexpected("KeepAlive stream ended".into()));
+        };
+        Ok(reply.leases.iter().any(|s| {
+            s.resource == lease.resource && s.status == pb::LeaseStatus::Ok as i32 && !s.released
+        }))
+    }
+
+    /// Whether this is a KeepAlive stream (lockd), which [`Renewal::release`] releases.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Self::Grpc { .. })
+    }
+
+    /// Ends the lease: lockd, releases it through the stream (`release`), waits for the reply
+    /// and closes the stream; redis-direct, nothing (the caller releases the key). Returns
+    /// whether the release freed the lease.
+    ///
+    /// # Errors
+    /// Fails when the target fails or the stream ended.
+    pub async fn release(self) -> Result<bool> {
+        let Self::Grpc {
+            tx,
+            mut replies,
+            lease,
+        } = self
+        else {
+            return Ok(true);
+        };
+        let resource = lease.resource.clone();
+        tx.send(pb::KeepAliveRequest {
+            release: vec![lease],
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| Error::Unexpected("KeepAlive stream closed".into()))?;
+        drop(tx);
+        let Some(reply) = replies.message().await? else {
+            return Err(Error::Unexpected("KeepAlive stream ended".into()));
+        };
+        Ok(reply
+            .leases
+            .iter()
+            .any(|s| s.resource == resource && s.released))
     }
 }
