@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lockd_proto::v1::{
-    AcquireRequest, AcquireResponse, ExtendRequest, GetOwnerRequest, LeaseStatus, ListLocksRequest,
-    LockInfo, ReleaseRequest,
+    AcquireRequest, AcquireResponse, ExtendRequest, GetOwnerRequest, GetOwnerResponse, LeaseStatus,
+    ListLocksRequest, LockInfo, ReleaseRequest,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -363,7 +363,25 @@ impl LockClient {
     /// # Errors
     /// [`Error::InvalidArgument`], [`Error::Unavailable`] (after retries) or [`Error::Timeout`].
     pub async fn holder(&self, resource: impl Into<String>) -> Result<Option<LockInfo>, Error> {
-        let resource = resource.into();
+        Ok(self.get_owner(resource.into()).await?.holder)
+    }
+
+    /// Every current holder of `resource`, by fencing token: none when it is free, one for a
+    /// mutex, up to the limit for a semaphore (see [`LockOptions::limit`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`], [`Error::Unavailable`] (after retries) or [`Error::Timeout`].
+    pub async fn holders(&self, resource: impl Into<String>) -> Result<Vec<LockInfo>, Error> {
+        let reply = self.get_owner(resource.into()).await?;
+        // A server that predates semaphores only fills in `holder`.
+        Ok(match (reply.holders.is_empty(), reply.holder) {
+            (true, Some(holder)) => vec![holder],
+            _ => reply.holders,
+        })
+    }
+
+    /// `GetOwner`, retried on UNAVAILABLE.
+    async fn get_owner(&self, resource: String) -> Result<GetOwnerResponse, Error> {
         let reply = self
             .config
             .retry
@@ -378,36 +396,7 @@ impl LockClient {
                 async move { raw.get_owner(request).await }
             })
             .await?;
-        Ok(reply.into_inner().holder)
-    }
-
-    /// Every current holder of `resource`, by fencing token: none when it is free, one for a
-    /// mutex, up to the limit for a semaphore (see [`LockOptions::limit`]).
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`], [`Error::Unavailable`] (after retries) or [`Error::Timeout`].
-    pub async fn holders(&self, resource: impl Into<String>) -> Result<Vec<LockInfo>, Error> {
-        let resource = resource.into();
-        let reply = self
-            .config
-            .retry
-            .run(|| {
-                let request = self.request(
-                    GetOwnerRequest {
-                        resource: resource.clone(),
-                    },
-                    Duration::ZERO,
-                );
-                let mut raw = self.raw();
-                async move { raw.get_owner(request).await }
-            })
-            .await?
-            .into_inner();
-        // A server that predates semaphores only fills in `holder`.
-        Ok(match (reply.holders.is_empty(), reply.holder) {
-            (true, Some(holder)) => vec![holder],
-            _ => reply.holders,
-        })
+        Ok(reply.into_inner())
     }
 
     /// The locks held right now under `prefix` (all of them for `""`), without tokens: every

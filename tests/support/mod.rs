@@ -58,6 +58,14 @@ fn require(program: &str, install: &str) {
     );
 }
 
+/// SIGKILLs a child process, if it still runs, and reaps it.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// A real redis-server on a free port.
 pub struct RedisServer {
     pub port: u16,
@@ -120,10 +128,7 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL): every lock in it is lost, as in a crash without persistence.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts it again on the same port.
@@ -283,10 +288,7 @@ impl Lockd {
 
     /// Kills lockd (SIGKILL), as in a crash.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Kills lockd and starts it again on the same port, with the same settings.
