@@ -153,10 +153,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
             extended: outcome.status == LeaseStatus::Ok,
             status: response::lease_status(outcome.status) as i32,
             // Only Acquire returns tokens: the caller of Extend already has it.
-            lease: outcome.lease.map(|l| pb::Lease {
-                token: String::new(),
-                ..response::lease(l)
-            }),
+            lease: outcome.lease.map(response::lease_without_token),
         }))
     }
 

@@ -250,6 +250,7 @@ impl Measure<'_> {
 }
 
 /// Names of the pre-loaded keys.
+#[derive(Clone)]
 struct Keys {
     prefix: String,
     run_id: String,
@@ -276,10 +277,7 @@ async fn preload(conns: &[MultiplexedConnection], keys: &Keys, from: u64, to: u6
     for conn in conns {
         let mut conn = conn.clone();
         let next = next.clone();
-        let keys = Keys {
-            prefix: keys.prefix.clone(),
-            run_id: keys.run_id.clone(),
-        };
+        let keys = keys.clone();
         set.spawn(async move {
             loop {
                 let start = next.fetch_add(BATCH, Ordering::Relaxed);
@@ -325,10 +323,7 @@ async fn cleanup(conns: &[MultiplexedConnection], keys: &Keys, count: u64) -> Re
     for conn in conns {
         let mut conn = conn.clone();
         let next = next.clone();
-        let keys = Keys {
-            prefix: keys.prefix.clone(),
-            run_id: keys.run_id.clone(),
-        };
+        let keys = keys.clone();
         set.spawn(async move {
             let mut deleted = 0_u64;
             loop {

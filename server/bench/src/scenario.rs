@@ -316,6 +316,29 @@ async fn uncontended(
     ))
 }
 
+/// Takes the client's own (uncontended) resource without waiting. A refusal or an error is
+/// recorded and followed by a short pause; the caller then moves on.
+async fn take_own(
+    client: &mut Client,
+    res: &str,
+    ttl: Duration,
+    rec: &mut Recorder,
+) -> Option<String> {
+    match client.acquire(res, ttl, None).await {
+        Ok(Some(token)) => Some(token),
+        Ok(None) => {
+            rec.unexpected += 1;
+            tokio::time::sleep(ERROR_PAUSE).await;
+            None
+        }
+        Err(e) => {
+            rec.error("acquire", &e);
+            tokio::time::sleep(ERROR_PAUSE).await;
+            None
+        }
+    }
+}
+
 /// Acquire (no wait) then Release of `res`, recorded as `acquire`, `release` and `op`.
 async fn lock_unlock(
     client: &mut Client,
@@ -325,18 +348,8 @@ async fn lock_unlock(
     rec: &mut Recorder,
 ) {
     let t0 = Instant::now();
-    let token = match client.acquire(res, ttl, None).await {
-        Ok(Some(token)) => token,
-        Ok(None) => {
-            rec.unexpected += 1;
-            tokio::time::sleep(ERROR_PAUSE).await;
-            return;
-        }
-        Err(e) => {
-            rec.error("acquire", &e);
-            tokio::time::sleep(ERROR_PAUSE).await;
-            return;
-        }
+    let Some(token) = take_own(client, res, ttl, rec).await else {
+        return;
     };
     let t1 = Instant::now();
     if clock.counts(t1) {
@@ -645,18 +658,8 @@ async fn keepalive(
         set.spawn(async move {
             let mut rec = Recorder::default();
             while !clock.is_over() {
-                let token = match client.acquire(&res, ttl, None).await {
-                    Ok(Some(token)) => token,
-                    Ok(None) => {
-                        rec.unexpected += 1;
-                        tokio::time::sleep(ERROR_PAUSE).await;
-                        continue;
-                    }
-                    Err(e) => {
-                        rec.error("acquire", &e);
-                        tokio::time::sleep(ERROR_PAUSE).await;
-                        continue;
-                    }
+                let Some(token) = take_own(&mut client, &res, ttl, &mut rec).await else {
+                    continue;
                 };
                 let mut renewal = match client.keep_alive(&res, &token, ttl).await {
                     Ok(r) => r,

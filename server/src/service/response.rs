@@ -22,12 +22,21 @@ pub fn duration(d: Duration) -> prost_types::Duration {
     }
 }
 
+/// The lease for its holder, token included: only Acquire answers with this.
 pub fn lease(l: Lease) -> pb::Lease {
+    pb::Lease {
+        token: l.token.expose().to_owned(),
+        ..lease_without_token(l)
+    }
+}
+
+/// The lease without its token (Extend: the caller already has it).
+pub fn lease_without_token(l: Lease) -> pb::Lease {
     pb::Lease {
         expires_at: Some(timestamp(l.expires_at)),
         ttl: Some(duration(l.ttl)),
         fencing_token: l.fencing_token,
-        token: l.token.expose().to_owned(),
+        token: String::new(),
         resource: l.resource,
     }
 }
