@@ -135,7 +135,8 @@ async fn serve_backend<B: Backend>(
         shutdown.clone(),
     );
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "lockd listening");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(%addr, workers, "lockd listening");
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)

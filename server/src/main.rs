@@ -4,11 +4,22 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// mimalloc: with the system allocator, malloc and free took about 13% of lockd's CPU under
+/// load (perf); with mimalloc lockd served about 15% more requests per CPU (issue 3).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
     let config = lockd::Config::parse();
     lockd::telemetry::init(config.log_format);
-    match lockd::run(config, lockd::shutdown::signal()).await {
+    let runtime = match config.runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(lockd::run(config, lockd::shutdown::signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "lockd stopped");
