@@ -101,14 +101,19 @@ crate::conformance! {
     }
 }
 
-/// With 20 waiters on one resource, one release costs one retry (plus the release itself), not
-/// twenty: counted as script calls in Redis.
+/// With 20 waiters on one resource, only the first asks Redis while the lock is held (the others
+/// queue behind it in lockd), and a release hands the lock to that waiter inside the release
+/// script: one script call, and no herd. Counted as script calls in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_release_wakes_one_waiter_not_all_of_them() {
+async fn twenty_waiters_cost_one_attempt_and_a_release_hands_over_in_one_script_call() {
     let s = Setup::new(Store::Redis).await;
     let redis = s.redis.as_ref().unwrap();
     let mut holder = s.client().await;
+    // Redis loads each script on its first call (NOSCRIPT, then a retry): load them now.
+    let warm_up = acquire_ok(&mut holder, "warm-up", 60.0).await;
+    release(&mut holder, &warm_up).await;
     let lease = acquire_ok(&mut holder, "job-1", 60.0).await;
+    let start = redis.script_calls().await;
     let mut waiters = Vec::new();
     for _ in 0..20 {
         let mut c = s.client().await;
@@ -116,30 +121,74 @@ async fn one_release_wakes_one_waiter_not_all_of_them() {
             wait_acquire(&mut c, "job-1", 60.0, 30.0).await
         }));
     }
-    // Every waiter has made its first attempt.
+    // The first waiter has tried; give the others time to queue behind it.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.script_calls().await < 21 {
-        assert!(Instant::now() < deadline, "waiters did not all try");
+    while redis.script_calls().await == start {
+        assert!(Instant::now() < deadline, "no waiter tried");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = redis.script_calls().await;
+    assert_eq!(before - start, 1, "only the first waiter may ask Redis");
     release(&mut holder, &lease).await;
     // Wait for the new holder, then let any herd show up.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !waiters.iter().any(|w| w.is_finished()) {
+    let winner = loop {
+        if let Some(i) = waiters.iter().position(|w| w.is_finished()) {
+            break waiters.remove(i);
+        }
         assert!(Instant::now() < deadline, "no waiter got the lock");
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let calls = redis.script_calls().await - before;
-    // 1 release + 1 acquire by the woken waiter. The woken waiter hands its place on with the
-    // new lease's expiry, so the next waiter does not need to ask Redis.
-    assert!(calls <= 3, "one release caused {calls} script calls");
-    assert_eq!(waiters.iter().filter(|w| w.is_finished()).count(), 1);
+    assert_eq!(calls, 1, "one release caused {calls} script calls");
+    let got = winner.await.unwrap();
+    assert!(got.acquired);
+    assert_eq!(got.lease.unwrap().fencing_token, lease.fencing_token + 1);
+    assert!(waiters.iter().all(|w| !w.is_finished()));
     for w in waiters {
         w.abort();
     }
+}
+
+/// A release with a waiter on the same lockd grants the lock to that waiter in the release
+/// script: the waiter holds it at once (its owner, the next fencing token, no wake-up message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_hands_the_lock_to_a_local_waiter_without_a_wake_up_message() {
+    use futures_util::StreamExt as _;
+    let s = Setup::new(Store::Redis).await;
+    let redis = s.redis.as_ref().unwrap();
+    let mut messages = wake_up_messages(redis).await;
+    let mut holder = s.client().await;
+    let lease = acquire_ok(&mut holder, "job-1", 30.0).await;
+    let mut waiter = s.client().await;
+    let wait = tokio::spawn(async move {
+        let mut req = acquire_req("job-1", 30.0);
+        req.owner = "next-in-line".into();
+        req.wait_timeout = Some(secs(10.0));
+        waiter.acquire(req).await.unwrap().into_inner()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(release(&mut holder, &lease).await.released);
+    let got = tokio::time::timeout(Duration::from_secs(2), wait)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.acquired);
+    let new_lease = got.lease.unwrap();
+    assert_eq!(new_lease.fencing_token, lease.fencing_token + 1);
+    let info = owner(&mut holder, "job-1").await.unwrap();
+    assert_eq!(
+        (info.owner.as_str(), info.fencing_token),
+        ("next-in-line", new_lease.fencing_token)
+    );
+    let none = tokio::time::timeout(Duration::from_millis(300), messages.next()).await;
+    assert!(none.is_err(), "a hand-off published a wake-up");
+    // The handed lease is a normal lease: its token releases it.
+    let mut c = s.client().await;
+    assert!(release(&mut c, &new_lease).await.released);
+    assert!(owner(&mut c, "job-1").await.is_none());
 }
 
 /// Waiters on two lockd replicas sharing one Redis are woken through Redis pub/sub.
@@ -167,10 +216,7 @@ async fn a_release_publishes_a_wake_up_only_when_someone_waited() {
     use futures_util::StreamExt as _;
     let s = Setup::new(Store::Redis).await;
     let redis = s.redis.as_ref().unwrap();
-    let client = deadpool_redis::redis::Client::open(redis.url()).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub.subscribe("lockd:released").await.unwrap();
-    let mut messages = pubsub.into_on_message();
+    let mut messages = wake_up_messages(redis).await;
     let mut c = s.client().await;
 
     let lease = acquire_ok(&mut c, "quiet", 30.0).await;
@@ -178,8 +224,11 @@ async fn a_release_publishes_a_wake_up_only_when_someone_waited() {
     let none = tokio::time::timeout(Duration::from_millis(300), messages.next()).await;
     assert!(none.is_err(), "an uncontended release published a wake-up");
 
+    // The waiter is on another lockd replica, so the release cannot hand the lock over and
+    // must wake it through Redis.
     let lease = acquire_ok(&mut c, "busy", 30.0).await;
-    let mut waiter = s.client().await;
+    let replica = Lockd::start(Some(redis)).await;
+    let mut waiter = replica.client().await;
     let wait = tokio::spawn(async move { wait_acquire(&mut waiter, "busy", 30.0, 10.0).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     release(&mut c, &lease).await;
@@ -189,4 +238,14 @@ async fn a_release_publishes_a_wake_up_only_when_someone_waited() {
         .unwrap();
     assert_eq!(msg.get_payload::<String>().unwrap(), "busy\n");
     assert!(wait.await.unwrap().acquired);
+}
+
+/// The wake-up messages lockd publishes on `lockd:released`, from now on.
+async fn wake_up_messages(
+    redis: &RedisServer,
+) -> impl futures_util::Stream<Item = deadpool_redis::redis::Msg> {
+    let client = deadpool_redis::redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("lockd:released").await.unwrap();
+    pubsub.into_on_message()
 }

@@ -116,6 +116,12 @@ async fn serve_backend<B: Backend>(
         reporter.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(wait::release_orphans(
+        backend.clone(),
+        waiters.clone(),
+        config.max_ttl,
+        shutdown.clone(),
+    ));
 
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
         b.register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)

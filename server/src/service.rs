@@ -114,18 +114,33 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let req = request::Release::parse(request.into_inner())?;
+        // The local head waiter may get the lock in the same backend call.
+        let offer = self
+            .backend
+            .hands_off()
+            .then(|| self.waiters.offer(&req.resource))
+            .flatten();
         let params = ReleaseParams {
             resource: req.resource,
             token: req.token,
             keep_until: req.keep_until,
             min_hold: req.min_hold,
             max_ttl: self.limits.max_ttl,
+            hand_to: offer.as_ref().map(|o| o.params().clone()),
         };
-        let outcome = self.backend.release(&params).await?;
+        let result = self.backend.release(&params).await;
+        let handed = result.as_ref().ok().and_then(|o| o.handed.clone());
+        let handed_fence = handed.as_ref().map(|l| l.fencing_token);
+        if let Some(offer) = offer {
+            offer.settle(handed);
+        }
+        let outcome = result?;
         info!(
             resource = %params.resource,
             outcome = status_name(outcome.status),
             frees_at = outcome.frees_at,
+            handed_to = params.hand_to.as_ref().filter(|_| handed_fence.is_some()).map(|p| p.owner.as_str()),
+            handed_fencing_token = handed_fence,
             "release"
         );
         Ok(Response::new(pb::ReleaseResponse {

@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, FAIR_ENTRY_TTL};
 use crate::error::{Error, Result};
-use crate::lock::{AcquireOutcome, AcquireParams, Busy};
-use crate::waiters::{Waiters, Wake};
+use crate::lock::{AcquireOutcome, AcquireParams, Busy, Lease, ReleaseParams};
+use crate::waiters::{Attempt, Registration, Waiters, Wake};
 
 /// Slack after the holder's reported expiry before the head waiter looks again, so that Redis
 /// has certainly expired the key.
@@ -19,7 +19,8 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(2);
 /// Tries to acquire, waiting up to `wait` for the lock if it is held.
 ///
 /// The waiter joins the resource's local queue before its first attempt, so a release between a
-/// failed attempt and the wait still wakes it. Only the head of the queue (and fair waiters)
+/// failed attempt and the wait still wakes it. A non-fair mutex waiter that joins behind others
+/// waits for its turn without a first attempt. Only the head of the queue (and fair waiters)
 /// watch the holder's expiry; the others wait for the head to hand over. A fair waiter also
 /// refreshes its place in the backend's queue a few times per [`FAIR_ENTRY_TTL`], and leaves
 /// the queue when it gives up. If the caller goes away (the future is dropped), the local
@@ -40,27 +41,48 @@ pub async fn acquire<B: Backend>(
     }
     let deadline = Instant::now() + wait;
     let registration = waiters.register(&params.resource, params.fair.as_deref());
-    let mut leave_queue = params.fair.as_ref().map(|id| LeaveQueue {
+    if params.limit == 1 && backend.hands_off() {
+        registration.accept_hand_offs(Arc::new(params.clone()));
+    }
+    let leave_queue = params.fair.as_ref().map(|id| LeaveQueue {
         backend: backend.clone(),
         resource: params.resource.clone(),
         waiter: id.clone(),
     });
+    // Behind another local waiter, a mutex waiter skips its first attempt: the lock was busy
+    // when that waiter tried, and it is first in line anyway. Under contention this saves a
+    // backend call per blocking Acquire. Fair waiters always try, to take their place in the
+    // backend's queue, and so do semaphore waiters, since a slot may be free.
+    let mut attempt = params.fair.is_some() || params.limit != 1 || registration.is_head();
+    let mut last: Option<Busy> = None;
+    let mut retry_at = None;
     loop {
         let started = Instant::now();
-        // Boxed: a parked waiter then keeps a pointer, not the backend call's whole state
-        // (several KiB for Redis), which matters with thousands of waiters.
-        let busy: Busy = match Box::pin(backend.acquire(params)).await? {
-            AcquireOutcome::Acquired(lease) => {
-                // The grant already took the waiter out of the fair queue.
-                if let Some(l) = leave_queue.as_mut() {
-                    l.waiter.clear();
+        if attempt {
+            match registration.begin_attempt() {
+                Attempt::Go => {
+                    // Boxed: a parked waiter then keeps a pointer, not the backend call's whole
+                    // state (several KiB for Redis), which matters with thousands of waiters.
+                    let outcome = Box::pin(backend.acquire(params)).await;
+                    registration.end_attempt();
+                    match outcome? {
+                        AcquireOutcome::Acquired(lease) => {
+                            return Ok(granted(registration, leave_queue, started, lease));
+                        }
+                        AcquireOutcome::Busy(busy) => {
+                            retry_at = busy.retry_in.map(|d| started + d + EXPIRY_SLACK);
+                            last = Some(busy);
+                        }
+                    }
                 }
-                registration.granted(started + lease.ttl);
-                return Ok(AcquireOutcome::Acquired(lease));
+                Attempt::Granted(lease) => {
+                    return Ok(granted(registration, leave_queue, started, lease));
+                }
+                // A release is handing the lock to this waiter; it wakes the waiter when done.
+                Attempt::Wait => {}
             }
-            AcquireOutcome::Busy(busy) => busy,
-        };
-        let mut retry_at = busy.retry_in.map(|d| started + d + EXPIRY_SLACK);
+        }
+        attempt = true;
         let refresh_at = params.fair.as_ref().map(|_| started + FAIR_ENTRY_TTL / 3);
         // Wait for a reason to try again: a release, the head position with the holder's expiry
         // passing, a fair queue refresh, the end of the wait, or shutdown.
@@ -71,12 +93,101 @@ pub async fn acquire<B: Backend>(
             };
             tokio::select! {
                 wake = registration.woken() => match wake {
-                    Wake::Retry => break,
-                    Wake::HeldUntil(until) => retry_at = Some(until + EXPIRY_SLACK),
+                    Wake::HeldUntil(until) if !registration.has_lease() => {
+                        retry_at = Some(until + EXPIRY_SLACK);
+                    }
+                    // A release, or a hand-off that settled: look again.
+                    _ => break,
                 },
                 _ = sleep_until(timer.unwrap_or(deadline)), if timer.is_some() => break,
-                _ = sleep_until(deadline) => return Ok(AcquireOutcome::Busy(busy)),
+                _ = sleep_until(deadline) => {
+                    // A lease handed over just before the deadline is still this waiter's.
+                    if let Some(lease) = registration.take_lease() {
+                        return Ok(granted(registration, leave_queue, Instant::now(), lease));
+                    }
+                    let Some(busy) = last else {
+                        // Never tried: one last attempt, which also describes the holder.
+                        return final_attempt(backend, params, registration, leave_queue).await;
+                    };
+                    return Ok(AcquireOutcome::Busy(busy));
+                }
                 _ = shutdown.cancelled() => return Err(Error::ShuttingDown),
+            }
+        }
+    }
+}
+
+/// At the deadline, a waiter that never called the backend tries once, after any hand-off to it
+/// in flight has settled.
+async fn final_attempt<B: Backend>(
+    backend: &Arc<B>,
+    params: &AcquireParams,
+    registration: Registration,
+    leave_queue: Option<LeaveQueue<B>>,
+) -> Result<AcquireOutcome> {
+    loop {
+        match registration.begin_attempt() {
+            Attempt::Go => {
+                let started = Instant::now();
+                let outcome = Box::pin(backend.acquire(params)).await;
+                registration.end_attempt();
+                return match outcome? {
+                    AcquireOutcome::Acquired(lease) => {
+                        Ok(granted(registration, leave_queue, started, lease))
+                    }
+                    busy => Ok(busy),
+                };
+            }
+            Attempt::Granted(lease) => {
+                return Ok(granted(registration, leave_queue, Instant::now(), lease));
+            }
+            // Settling always wakes a waiter held back like this one.
+            Attempt::Wait => {
+                registration.woken().await;
+            }
+        }
+    }
+}
+
+/// The waiter got `lease` (from its own attempt or a hand-off) and leaves its queues.
+fn granted<B: Backend>(
+    registration: Registration,
+    mut leave_queue: Option<LeaveQueue<B>>,
+    started: Instant,
+    lease: Lease,
+) -> AcquireOutcome {
+    // The grant already took the waiter out of the fair queue.
+    if let Some(l) = leave_queue.as_mut() {
+        l.waiter.clear();
+    }
+    registration.granted(started + lease.ttl);
+    AcquireOutcome::Acquired(lease)
+}
+
+/// Releases the leases handed to waiters that left before taking them (see
+/// [`Waiters::take_orphans`]), until `shutdown`. Their release wakes the next waiter as usual.
+pub async fn release_orphans<B: Backend>(
+    backend: Arc<B>,
+    waiters: Arc<Waiters>,
+    max_ttl: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = waiters.orphaned() => {}
+            () = shutdown.cancelled() => return,
+        }
+        for lease in waiters.take_orphans() {
+            let params = ReleaseParams {
+                resource: lease.resource.clone(),
+                token: lease.token,
+                keep_until: None,
+                min_hold: Duration::ZERO,
+                max_ttl,
+                hand_to: None,
+            };
+            if let Err(e) = backend.release(&params).await {
+                tracing::warn!(resource = %lease.resource, error = %e, "cannot release a lease handed to a waiter that left; it ends at its TTL");
             }
         }
     }

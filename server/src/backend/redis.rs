@@ -261,6 +261,8 @@ impl Backend for RedisBackend {
     async fn release(&self, p: &ReleaseParams) -> Result<ReleaseOutcome> {
         let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
         inv.key(self.key(&p.resource, ":queue"))
+            .key(self.key(&p.resource, ":fence"))
+            .key(self.key(&p.resource, ":qexp"))
             .arg(p.token.expose())
             .arg(&self.released_channel)
             .arg(&self.events_channel)
@@ -268,18 +270,51 @@ impl Backend for RedisBackend {
             .arg(p.keep_until.unwrap_or(0))
             .arg(ms(p.min_hold))
             .arg(ms(p.max_ttl));
+        let hand_to = p.hand_to.as_deref().filter(|next| next.limit == 1);
+        match hand_to {
+            Some(next) => {
+                inv.arg(next.token.expose())
+                    .arg(ms(next.ttl))
+                    .arg(&next.owner)
+                    .arg(next.fair.as_deref().unwrap_or(""));
+                for (name, value) in &next.labels {
+                    inv.arg(name).arg(value);
+                }
+            }
+            None => {
+                inv.arg("").arg(0).arg("").arg("");
+            }
+        }
         let reply = Reply::new(self.run(&inv).await?)?;
         let status = match reply.int(0)? {
             1 => LeaseStatus::Ok,
             0 => LeaseStatus::NotHeld,
             _ => LeaseStatus::HeldByOther,
         };
-        let frees_at = if status == LeaseStatus::Ok {
-            Some(reply.int(1)?)
-        } else {
-            None
+        if status != LeaseStatus::Ok {
+            return Ok(ReleaseOutcome {
+                status,
+                frees_at: None,
+                handed: None,
+            });
+        }
+        let handed = match hand_to {
+            Some(next) if reply.0.len() > 2 => Some(Lease {
+                resource: p.resource.clone(),
+                token: next.token.clone(),
+                fencing_token: reply.uint(2)?,
+                expires_at: reply
+                    .int(3)?
+                    .saturating_add(i64::try_from(ms(next.ttl)).unwrap_or(i64::MAX)),
+                ttl: next.ttl,
+            }),
+            _ => None,
         };
-        Ok(ReleaseOutcome { status, frees_at })
+        Ok(ReleaseOutcome {
+            status,
+            frees_at: Some(reply.int(1)?),
+            handed,
+        })
     }
 
     async fn extend(&self, p: &ExtendParams) -> Result<ExtendOutcome> {
@@ -366,6 +401,10 @@ impl Backend for RedisBackend {
             .arg(&self.released_channel)
             .arg(resource);
         self.run(&inv).await.map(drop)
+    }
+
+    fn hands_off(&self) -> bool {
+        true
     }
 
     async fn ping(&self) -> Result<()> {
