@@ -17,7 +17,7 @@
 #
 # Knobs (environment): BENCH_SCENARIOS (all, or a comma list), BENCH_WAITER_KINDS
 # ("acquire watch keepalive"), BENCH_DURATION (2s), BENCH_WARMUP (300ms), BENCH_CLIENTS
-# (1,16,128,1024), BENCH_CONNECTIONS (4), LOCKD_REDIS_POOL_SIZE (lockd's default: 4), and
+# (1,16,128,1024), BENCH_CONNECTIONS (4), LOCKD_REDIS_POOL_SIZE (lockd's default: one per worker thread), and
 # LOCKD_BIN: a lockd binary to measure instead of building this tree's (e.g. one built from a
 # committed revision while the working tree is mid-change); only lockd-bench is built then.
 # Extra arguments go to every lockd-bench run, e.g. `scripts/bench.sh --waiters 1000`; options
@@ -170,7 +170,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== machine: $(nproc) CPUs, $(redis-server --version | cut -d' ' -f3), load average $LOAD_BEFORE"
 echo "== placement: $PLACEMENT"
 echo "== lockd binary: $LOCKD_BIN"
-echo "== redis $REDIS_URL (pid $REDIS_PID), lockd :$LOCKD_PORT (pid $LOCKD_PID, pool size ${LOCKD_REDIS_POOL_SIZE:-4}), lockd-memory :$MEMORY_PORT (pid $MEMORY_PID)"
+echo "== redis $REDIS_URL (pid $REDIS_PID), lockd :$LOCKD_PORT (pid $LOCKD_PID, pool size ${LOCKD_REDIS_POOL_SIZE:-default}), lockd-memory :$MEMORY_PORT (pid $MEMORY_PID)"
 
 mkdir -p "$ROOT/target/bench"
 STAMP=$(date +%Y%m%d-%H%M%S)

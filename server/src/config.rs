@@ -38,8 +38,9 @@ pub struct Config {
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
 
-    /// Number of multiplexed Redis connections shared by all requests.
-    #[arg(long, env = "LOCKD_REDIS_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Number of multiplexed Redis connections shared by all requests; 0 means one per runtime
+    /// worker thread. Fewer connections batch more commands into each write.
+    #[arg(long, env = "LOCKD_REDIS_POOL_SIZE", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=256))]
     pub redis_pool_size: u32,
 
     /// Time limit for connecting to Redis and for each Redis reply (e.g. 2s, 500ms).
@@ -106,7 +107,7 @@ pub struct Limits {
 pub struct RedisConfig {
     /// The connection URL. It may contain a password: log [`RedisConfig::redacted_url`] instead.
     pub url: String,
-    /// Number of multiplexed connections.
+    /// Number of multiplexed connections; 0 means one per runtime worker thread.
     pub pool_size: usize,
     /// Connect and reply time limit.
     pub timeout: Duration,

@@ -105,11 +105,15 @@ impl RedisBackend {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, Box<dyn std::error::Error + Send + Sync>> {
         let timeout = Some(config.timeout);
+        let pool_size = match config.pool_size {
+            0 => tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers()),
+            n => n,
+        };
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(timeout)
             .set_response_timeout(timeout);
         let pool = Pool::builder(Manager::new_with_config(config.url.as_str(), conn_config)?)
-            .max_size(config.pool_size)
+            .max_size(pool_size)
             .wait_timeout(timeout)
             .create_timeout(timeout)
             .recycle_timeout(timeout)
@@ -118,8 +122,8 @@ impl RedisBackend {
         let client = redis::Client::open(config.url.as_str())?;
         let backend = Arc::new(Self {
             pool,
-            conns: (0..config.pool_size).map(|_| Mutex::new(None)).collect(),
-            connecting: (0..config.pool_size)
+            conns: (0..pool_size).map(|_| Mutex::new(None)).collect(),
+            connecting: (0..pool_size)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             next: AtomicUsize::new(0),
