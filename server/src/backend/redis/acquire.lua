@@ -132,14 +132,15 @@ if limit == 1 then
   if waiting then
     -- Other waiters may still be queued behind this one.
     hash[#hash + 1] = 'w'
-    hash[#hash + 1] = 1
+    hash[#hash + 1] = '1'
   end
   for i = 10, #ARGV, 2 do
     hash[#hash + 1] = 'l:' .. ARGV[i]
     hash[#hash + 1] = ARGV[i + 1]
   end
   redis.call('HSET', KEYS[1], unpack(hash))
-  redis.call('PEXPIRE', KEYS[1], ttl)
+  -- ARGV[2] rather than ttl: Redis would format a Lua number with printf.
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   event('A', ARGV[3], fence, now + ttl)
   return {1, fence, now}
 end

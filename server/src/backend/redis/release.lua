@@ -29,16 +29,17 @@
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local token = ARGV[1]
-local semaphore = redis.call('HGET', KEYS[1], 'n')
+-- A mutex's fields, and n, which only a semaphore has.
+local h = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r', 'w', 'n')
+local semaphore = h[7]
 local fence, acquired, owner, lingering, waited
 if semaphore then
-  local h = redis.call('HMGET', KEYS[1], 'f:' .. token, 'a:' .. token, 'o:' .. token, 'r:' .. token, 'e:' .. token, 'w')
+  h = redis.call('HMGET', KEYS[1], 'f:' .. token, 'a:' .. token, 'o:' .. token, 'r:' .. token, 'e:' .. token, 'w')
   if not h[1] or tonumber(h[5]) <= now then
     return {0}
   end
   fence, acquired, owner, lingering, waited = h[1], tonumber(h[2]), h[3], h[4], h[6]
 else
-  local h = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r', 'w')
   if not h[1] then
     return {0}
   end
@@ -79,24 +80,28 @@ else
     redis.call('DEL', KEYS[1])
   end
 end
-local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now .. '\n' .. frees_at)
+-- A fair queue only exists while its waiters have seen a lease, which marked it w (see
+-- acquire.lua): without w and without a hand-off, the queue need not be read.
 local next_token, waiter = ARGV[8], ARGV[11]
+local head = nil
+if waited or next_token ~= '' then
+  head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+end
+redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now .. '\n' .. frees_at)
 if not semaphore and frees_at == now and next_token ~= '' and (head == nil or head == waiter) then
   if head then
     redis.call('ZREM', KEYS[2], waiter)
     redis.call('HDEL', KEYS[4], waiter)
   end
-  local ttl = tonumber(ARGV[9])
   local next_fence = redis.call('INCR', KEYS[3])
-  local hash = {'t', next_token, 'o', ARGV[10], 'f', next_fence, 'a', now, 'w', 1}
+  local hash = {'t', next_token, 'o', ARGV[10], 'f', next_fence, 'a', now, 'w', '1'}
   for i = 12, #ARGV, 2 do
     hash[#hash + 1] = 'l:' .. ARGV[i]
     hash[#hash + 1] = ARGV[i + 1]
   end
   redis.call('HSET', KEYS[1], unpack(hash))
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PUBLISH', ARGV[3], 'A\n' .. ARGV[4] .. '\n' .. ARGV[10] .. '\n' .. next_fence .. '\n' .. now .. '\n' .. (now + ttl))
+  redis.call('PEXPIRE', KEYS[1], ARGV[9])
+  redis.call('PUBLISH', ARGV[3], 'A\n' .. ARGV[4] .. '\n' .. ARGV[10] .. '\n' .. next_fence .. '\n' .. now .. '\n' .. (now + tonumber(ARGV[9])))
   return {1, now, next_fence, now}
 end
 if waited or head then
