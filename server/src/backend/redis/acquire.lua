@@ -33,7 +33,11 @@
 --                                ends (-1 if none), and the first holder when there is one
 --   {-2, limit}                  the resource exists with another limit (mutex vs semaphore)
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- now in ms, also as a string: Redis formats every Lua number passed to a command with printf,
+-- which costs more than the rest of the arithmetic here, so values only passed on stay strings.
+local us = t[2]
+local now_s = t[1] .. string.sub(string.rep('0', 6 - #us) .. us, 1, 3)
+local now = tonumber(now_s)
 local token, ttl, limit, waiter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4]), ARGV[5]
 local waiting = ARGV[9] == '1'
 
@@ -77,7 +81,7 @@ local function leave_queue()
 end
 
 local function event(kind, owner, fence, expires)
-  redis.call('PUBLISH', ARGV[7], kind .. '\n' .. ARGV[8] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now .. '\n' .. expires)
+  redis.call('PUBLISH', ARGV[7], kind .. '\n' .. ARGV[8] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. expires)
 end
 
 -- A waiting caller that is not granted marks the lease, so its release wakes the waiters.
@@ -128,7 +132,8 @@ if limit == 1 then
   end
   leave_queue()
   local fence = redis.call('INCR', KEYS[2])
-  local hash = {'t', token, 'o', ARGV[3], 'f', fence, 'a', now}
+  local fence_s = tostring(fence)
+  local hash = {'t', token, 'o', ARGV[3], 'f', fence_s, 'a', now_s}
   if waiting then
     -- Other waiters may still be queued behind this one.
     hash[#hash + 1] = 'w'
@@ -141,7 +146,7 @@ if limit == 1 then
   redis.call('HSET', KEYS[1], unpack(hash))
   -- ARGV[2] rather than ttl: Redis would format a Lua number with printf.
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  event('A', ARGV[3], fence, now + ttl)
+  event('A', ARGV[3], fence_s, now + ttl)
   return {1, fence, now}
 end
 
@@ -185,7 +190,7 @@ end
 if count < limit and queue_allows() then
   leave_queue()
   local fence = redis.call('INCR', KEYS[2])
-  redis.call('HSET', KEYS[1], 'n', limit, 'f:' .. token, fence, 'a:' .. token, now,
+  redis.call('HSET', KEYS[1], 'n', limit, 'f:' .. token, fence, 'a:' .. token, now_s,
     'o:' .. token, ARGV[3], 'e:' .. token, now + ttl, 'g:' .. token, cjson.encode(labels_from_argv()))
   if waiting then
     redis.call('HSET', KEYS[1], 'w', 1)

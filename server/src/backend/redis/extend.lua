@@ -12,7 +12,10 @@
 --         {0} when not held (free, expired, or released with a minimum hold),
 --         {-1} when held by another token.
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- now in ms, also as a string (see acquire.lua: Redis formats Lua numbers with printf).
+local us = t[2]
+local now_s = t[1] .. string.sub(string.rep('0', 6 - #us) .. us, 1, 3)
+local now = tonumber(now_s)
 local token = ARGV[1]
 local semaphore = redis.call('HGET', KEYS[1], 'n')
 local fence, owner, remaining
@@ -45,5 +48,5 @@ if semaphore then
 else
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
-redis.call('PUBLISH', ARGV[5], 'E\n' .. ARGV[6] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now .. '\n' .. (now + ttl))
+redis.call('PUBLISH', ARGV[5], 'E\n' .. ARGV[6] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. (now + ttl))
 return {1, tonumber(fence), now, ttl}

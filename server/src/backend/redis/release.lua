@@ -27,7 +27,10 @@
 --         {1, now, fencing token, now} released and handed off,
 --         {0} not held (free, expired, or already released), {-1} held by another token.
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+-- now in ms, also as a string (see acquire.lua: Redis formats Lua numbers with printf).
+local us = t[2]
+local now_s = t[1] .. string.sub(string.rep('0', 6 - #us) .. us, 1, 3)
+local now = tonumber(now_s)
 local token = ARGV[1]
 -- A mutex's fields, and n, which only a semaphore has.
 local h = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r', 'w', 'n')
@@ -87,21 +90,23 @@ local head = nil
 if waited or next_token ~= '' then
   head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
 end
-redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now .. '\n' .. frees_at)
+local frees_at_s = frees_at == now and now_s or frees_at
+redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. frees_at_s)
 if not semaphore and frees_at == now and next_token ~= '' and (head == nil or head == waiter) then
   if head then
     redis.call('ZREM', KEYS[2], waiter)
     redis.call('HDEL', KEYS[4], waiter)
   end
   local next_fence = redis.call('INCR', KEYS[3])
-  local hash = {'t', next_token, 'o', ARGV[10], 'f', next_fence, 'a', now, 'w', '1'}
+  local next_fence_s = tostring(next_fence)
+  local hash = {'t', next_token, 'o', ARGV[10], 'f', next_fence_s, 'a', now_s, 'w', '1'}
   for i = 12, #ARGV, 2 do
     hash[#hash + 1] = 'l:' .. ARGV[i]
     hash[#hash + 1] = ARGV[i + 1]
   end
   redis.call('HSET', KEYS[1], unpack(hash))
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
-  redis.call('PUBLISH', ARGV[3], 'A\n' .. ARGV[4] .. '\n' .. ARGV[10] .. '\n' .. next_fence .. '\n' .. now .. '\n' .. (now + tonumber(ARGV[9])))
+  redis.call('PUBLISH', ARGV[3], 'A\n' .. ARGV[4] .. '\n' .. ARGV[10] .. '\n' .. next_fence_s .. '\n' .. now_s .. '\n' .. (now + tonumber(ARGV[9])))
   return {1, now, next_fence, now}
 end
 if waited or head then
