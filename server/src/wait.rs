@@ -218,3 +218,56 @@ impl<B: Backend> Drop for LeaveQueue<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::events::Events;
+    use crate::lock::Token;
+
+    #[tokio::test]
+    async fn a_lease_handed_to_a_waiter_that_left_is_released() {
+        let waiters = Arc::new(Waiters::default());
+        let backend = Arc::new(MemoryBackend::new(
+            waiters.clone(),
+            Arc::new(Events::default()),
+        ));
+        let params = AcquireParams {
+            resource: "r".into(),
+            token: Token::generate("test"),
+            owner: "gone".into(),
+            ttl: Duration::from_secs(60),
+            labels: Default::default(),
+            limit: 1,
+            fair: None,
+            waiting: true,
+        };
+        let AcquireOutcome::Acquired(lease) = backend.acquire(&params).await.unwrap() else {
+            panic!("the lock is free");
+        };
+        // A release hands the lease to a waiter that leaves before taking it.
+        let waiter = waiters.register("r", None);
+        waiter.accept_hand_offs(Arc::new(params.clone()));
+        let offer = waiters.offer("r").unwrap();
+        drop(waiter);
+        offer.settle(Some(lease));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(release_orphans(
+            backend.clone(),
+            waiters.clone(),
+            Duration::from_secs(60),
+            shutdown.clone(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while backend.inspect("r").await.unwrap().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the orphaned lease was not released"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+}
