@@ -8,6 +8,28 @@ use tokio::time::Instant;
 use crate::support::*;
 
 crate::conformance! {
+    async fn a_waiting_retry_with_the_holders_token_succeeds_at_once_while_others_wait(store: Store) {
+        let s = Setup::new(store).await;
+        let mut holder = s.client().await;
+        let mut req = acquire_req("job-1", 60.0);
+        req.token = "scheduler-7-token".into();
+        let lease = holder.acquire(req.clone()).await.unwrap().into_inner().lease.unwrap();
+        let mut other = s.client().await;
+        let queued = tokio::spawn(async move { wait_acquire(&mut other, "job-1", 60.0, 20.0).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The holder retries its Acquire (say, after a lost reply), as a waiting request.
+        req.wait_timeout = Some(secs(20.0));
+        let retry = tokio::time::timeout(Duration::from_secs(2), holder.acquire(req))
+            .await
+            .expect("the retry must not queue behind the other waiter")
+            .unwrap()
+            .into_inner();
+        assert!(retry.acquired);
+        assert_eq!(retry.lease.unwrap().fencing_token, lease.fencing_token);
+        assert!(!queued.is_finished());
+        queued.abort();
+    }
+
     async fn blocking_waiter_is_woken_by_the_release(store: Store) {
         let s = Setup::new(store).await;
         let mut holder = s.client().await;

@@ -56,6 +56,8 @@ pub struct AcquireParams {
     pub fair: Option<String>,
     /// The caller waits for the lock: its release must then wake waiters.
     pub waiting: bool,
+    /// The token was generated for this request, so it cannot hold the lock already.
+    pub new_token: bool,
 }
 
 /// What is asked of [`Backend::release`](crate::backend::Backend::release).

@@ -52,8 +52,10 @@ pub async fn acquire<B: Backend>(
     // Behind another local waiter, a mutex waiter skips its first attempt: the lock was busy
     // when that waiter tried, and it is first in line anyway. Under contention this saves a
     // backend call per blocking Acquire. Fair waiters always try, to take their place in the
-    // backend's queue, and so do semaphore waiters, since a slot may be free.
-    let mut attempt = params.fair.is_some() || params.limit != 1 || registration.is_head();
+    // backend's queue; so do semaphore waiters, since a slot may be free, and callers with
+    // their own token, which may hold the lock already (an idempotent retry).
+    let mut attempt =
+        params.fair.is_some() || params.limit != 1 || !params.new_token || registration.is_head();
     let mut last: Option<Busy> = None;
     let mut retry_at = None;
     loop {
@@ -242,6 +244,7 @@ mod tests {
             limit: 1,
             fair: None,
             waiting: true,
+            new_token: true,
         };
         let AcquireOutcome::Acquired(lease) = backend.acquire(&params).await.unwrap() else {
             panic!("the lock is free");

@@ -425,6 +425,7 @@ mod tests {
             limit: 1,
             fair: None,
             waiting: true,
+            new_token: true,
         })
     }
 

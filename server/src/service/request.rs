@@ -236,7 +236,8 @@ impl Acquire {
                 ),
             ));
         }
-        let token = if r.token.is_empty() {
+        let new_token = r.token.is_empty();
+        let token = if new_token {
             generate()
         } else {
             bounded_token(r.token)?
@@ -260,6 +261,7 @@ impl Acquire {
                 limit: r.limit.max(1),
                 fair,
                 waiting: !wait.is_zero(),
+                new_token,
             },
             wait,
         })
