@@ -19,8 +19,9 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(2);
 /// Tries to acquire, waiting up to `wait` for the lock if it is held.
 ///
 /// The waiter joins the resource's local queue before its first attempt, so a release between a
-/// failed attempt and the wait still wakes it. A non-fair mutex waiter that joins behind others
-/// waits for its turn without a first attempt. Only the head of the queue (and fair waiters)
+/// failed attempt and the wait still wakes it. A non-fair mutex waiter with a generated token
+/// that joins behind others waits for its turn without a first attempt. A release on this lockd
+/// may hand the lock to the waiter directly (see [`Waiters::offer`]). Only the head of the queue (and fair waiters)
 /// watch the holder's expiry; the others wait for the head to hand over. A fair waiter also
 /// refreshes its place in the backend's queue a few times per [`FAIR_ENTRY_TTL`], and leaves
 /// the queue when it gives up. If the caller goes away (the future is dropped), the local
