@@ -259,6 +259,23 @@ mod tests {
     }
 
     #[test]
+    fn one_worker_thread_gives_a_single_threaded_runtime() {
+        let one = Config::parse_from(["lockd", "--worker-threads", "1"]);
+        let runtime = one.runtime().unwrap();
+        assert_eq!(
+            runtime.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::CurrentThread
+        );
+        let three = Config::parse_from(["lockd", "--worker-threads", "3"]);
+        let runtime = three.runtime().unwrap();
+        assert_eq!(
+            runtime.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::MultiThread
+        );
+        assert_eq!(runtime.metrics().num_workers(), 3);
+    }
+
+    #[test]
     fn redacted_url_hides_the_password() {
         assert_eq!(redact_url("redis://:s3cret@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact_url("redis://u:p@h:1"), "redis://u:***@h:1");

@@ -429,6 +429,32 @@ mod tests {
     use super::*;
     use crate::lock::EventKind;
 
+    fn start_with_pool_size(pool_size: usize) -> Arc<RedisBackend> {
+        let config = RedisConfig {
+            // Never reached: starting does not connect.
+            url: "redis://127.0.0.1:1".into(),
+            pool_size,
+            timeout: Duration::from_secs(1),
+            key_prefix: "lockd".into(),
+        };
+        let shutdown = CancellationToken::new();
+        let backend =
+            RedisBackend::start(&config, Arc::default(), Arc::default(), shutdown.clone()).unwrap();
+        shutdown.cancel();
+        backend
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pool_size_zero_means_one_connection_per_worker_thread() {
+        assert_eq!(start_with_pool_size(0).conns.len(), 2);
+        assert_eq!(start_with_pool_size(3).conns.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_single_threaded_runtime_shares_one_connection() {
+        assert_eq!(start_with_pool_size(0).conns.len(), 1);
+    }
+
     #[test]
     fn glob_characters_are_escaped_for_scan() {
         assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
