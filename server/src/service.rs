@@ -128,8 +128,8 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
             max_ttl: self.limits.max_ttl,
             hand_to: offer.as_ref().map(|o| o.params().clone()),
         };
-        let result = self.backend.release(&params).await;
-        let handed = result.as_ref().ok().and_then(|o| o.handed.clone());
+        let mut result = self.backend.release(&params).await;
+        let handed = result.as_mut().ok().and_then(|o| o.handed.take());
         let handed_fence = handed.as_ref().map(|l| l.fencing_token);
         if let Some(offer) = offer {
             offer.settle(handed);

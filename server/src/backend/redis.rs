@@ -263,18 +263,20 @@ impl Backend for RedisBackend {
     }
 
     async fn release(&self, p: &ReleaseParams) -> Result<ReleaseOutcome> {
+        let hand_to = p.hand_to.as_deref().filter(|next| next.limit == 1);
         let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
-        inv.key(self.key(&p.resource, ":queue"))
-            .key(self.key(&p.resource, ":fence"))
-            .key(self.key(&p.resource, ":qexp"))
-            .arg(p.token.expose())
+        inv.key(self.key(&p.resource, ":queue"));
+        if hand_to.is_some() {
+            inv.key(self.key(&p.resource, ":fence"))
+                .key(self.key(&p.resource, ":qexp"));
+        }
+        inv.arg(p.token.expose())
             .arg(&self.released_channel)
             .arg(&self.events_channel)
             .arg(&p.resource)
             .arg(p.keep_until.unwrap_or(0))
             .arg(ms(p.min_hold))
             .arg(ms(p.max_ttl));
-        let hand_to = p.hand_to.as_deref().filter(|next| next.limit == 1);
         match hand_to {
             Some(next) => {
                 inv.arg(next.token.expose())
@@ -290,11 +292,7 @@ impl Backend for RedisBackend {
             }
         }
         let reply = Reply::new(self.run(&inv).await?)?;
-        let status = match reply.int(0)? {
-            1 => LeaseStatus::Ok,
-            0 => LeaseStatus::NotHeld,
-            _ => LeaseStatus::HeldByOther,
-        };
+        let status = reply.lease_status()?;
         if status != LeaseStatus::Ok {
             return Ok(ReleaseOutcome {
                 status,
@@ -330,11 +328,7 @@ impl Backend for RedisBackend {
             .arg(&self.events_channel)
             .arg(&p.resource);
         let reply = Reply::new(self.run(&inv).await?)?;
-        let status = match reply.int(0)? {
-            1 => LeaseStatus::Ok,
-            0 => LeaseStatus::NotHeld,
-            _ => LeaseStatus::HeldByOther,
-        };
+        let status = reply.lease_status()?;
         if status != LeaseStatus::Ok {
             return Ok(ExtendOutcome {
                 status,

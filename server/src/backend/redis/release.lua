@@ -3,8 +3,8 @@
 --
 -- KEYS[1]  the lock hash  <prefix>:{<resource>} (see acquire.lua for its fields)
 -- KEYS[2]  the fair queue  <prefix>:{<resource>}:queue (see acquire.lua)
--- KEYS[3]  the fencing counter  <prefix>:{<resource>}:fence (for a hand-off)
--- KEYS[4]  the fair queue's liveness hash  <prefix>:{<resource>}:qexp (for a hand-off)
+-- KEYS[3]  the fencing counter  <prefix>:{<resource>}:fence (only given with a hand-off)
+-- KEYS[4]  the fair queue's liveness hash  <prefix>:{<resource>}:qexp (only given with a hand-off)
 -- ARGV[1]  token of the caller
 -- ARGV[2]  the wake-up channel <prefix>:released, which every lockd subscribes to once
 -- ARGV[3]  the events channel <prefix>:events (for Watch)

@@ -6,7 +6,7 @@ use deadpool_redis::redis::Value;
 
 use super::from_ms;
 use crate::error::{Error, Result};
-use crate::lock::{LockInfo, UnixMillis};
+use crate::lock::{LeaseStatus, LockInfo, UnixMillis};
 
 /// A script's array reply, read field by field.
 pub(super) struct Reply(pub(super) Vec<Value>);
@@ -27,6 +27,15 @@ impl Reply {
                 "field {i}: expected an integer, got {other:?}"
             ))),
         }
+    }
+
+    /// The status code that release.lua and extend.lua put first: 1, 0 or -1.
+    pub(super) fn lease_status(&self) -> Result<LeaseStatus> {
+        Ok(match self.int(0)? {
+            1 => LeaseStatus::Ok,
+            0 => LeaseStatus::NotHeld,
+            _ => LeaseStatus::HeldByOther,
+        })
     }
 
     pub(super) fn uint(&self, i: usize) -> Result<u64> {
