@@ -16,7 +16,8 @@
 # SERVER_CPUS / BENCH_CPUS (taskset -c lists); with fewer than 2 cores nothing is pinned.
 #
 # Knobs (environment): BENCH_SCENARIOS (all, or a comma list), BENCH_WAITER_KINDS
-# ("acquire watch keepalive"), BENCH_DURATION (2s), BENCH_WARMUP (300ms), BENCH_CLIENTS
+# ("acquire watch keepalive"), BENCH_REPEAT (1: runs per load scenario, level and target; each
+# row is then the median-ops/s run), BENCH_DURATION (2s), BENCH_WARMUP (300ms), BENCH_CLIENTS
 # (1,16,128,1024), BENCH_CONNECTIONS (4), LOCKD_REDIS_POOL_SIZE (lockd's default: one per worker thread), and
 # LOCKD_BIN: a lockd binary to measure instead of building this tree's (e.g. one built from a
 # committed revision while the working tree is mid-change); only lockd-bench is built then.
@@ -32,6 +33,7 @@ WARMUP=${BENCH_WARMUP:-300ms}
 CLIENTS=${BENCH_CLIENTS:-1,16,128,1024}
 SCENARIOS=${BENCH_SCENARIOS:-all}
 CONNECTIONS=${BENCH_CONNECTIONS:-4}
+REPEAT=${BENCH_REPEAT:-1}
 
 for tool in redis-server redis-cli python3; do
   if ! command -v "$tool" >/dev/null; then
@@ -185,6 +187,7 @@ if [ -n "$MAIN_SCENARIOS" ]; then
     --scenario "$MAIN_SCENARIOS" \
     --clients "$CLIENTS" \
     --connections "$CONNECTIONS" \
+    --repeat "$REPEAT" \
     --duration "$DURATION" \
     --warmup "$WARMUP" \
     --redis-url "$REDIS_URL" \

@@ -49,6 +49,12 @@ pub struct Args {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub warmup: Duration,
 
+    /// Runs of each load scenario per concurrency level and target, targets interleaved; each
+    /// reported row is the run with the median ops/s, so that one noisy run does not decide a
+    /// figure.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub repeat: u32,
+
     /// TTL of every lock taken.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub ttl: Duration,
@@ -273,6 +279,9 @@ impl Args {
             join(self.clients.iter().map(ToString::to_string).collect()),
             self.connections,
         );
+        if self.repeat > 1 {
+            let _ = write!(s, " --repeat {}", self.repeat);
+        }
         match self.ops {
             Some(n) => {
                 let _ = write!(s, " --ops {n}");
@@ -407,6 +416,9 @@ mod tests {
         ]);
         let cmd = args.reproduce("lockd-bench");
         assert!(cmd.contains("--target redis-direct,lockd"), "{cmd}");
+        assert!(!cmd.contains("--repeat"), "one run is the default: {cmd}");
+        let repeated = Args::parse_from(["lockd-bench", "--repeat", "3"]);
+        assert!(repeated.reproduce("lockd-bench").contains("--repeat 3"));
         assert!(
             cmd.contains("--scenario uncontended,contended,mixed,keepalive,memory,scale,waiters")
         );

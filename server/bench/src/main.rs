@@ -105,40 +105,46 @@ async fn bench(args: Args) -> Result<()> {
     let mut runs = Vec::new();
     for &scenario in scenarios.iter().filter(|s| load.contains(s)) {
         for &clients in &args.clients {
-            for session in &sessions {
-                let r = scenario::run(
-                    scenario,
-                    session,
-                    args.connections,
-                    clients,
-                    &plan,
-                    &run_id,
-                    &pids.serving(session.target()),
-                )
-                .await?;
-                let rpc = if scenario == Scenario::Keepalive {
-                    "renew"
-                } else {
-                    "acquire"
-                };
-                let p99 = r
-                    .latency_of(rpc)
-                    .map_or_else(|| "-".to_owned(), |l| micros(l.p99_us));
-                eprintln!(
-                    "[{}] {:<12} clients={:<5} {:>9} ops/s  {rpc} p99 {:>8}  errors {}  \
+            // Per target, its runs at this level; the median one is reported.
+            let mut repeats: Vec<Vec<scenario::RunResult>> =
+                sessions.iter().map(|_| Vec::new()).collect();
+            for _ in 0..args.repeat {
+                for (session, repeats) in sessions.iter().zip(&mut repeats) {
+                    let r = scenario::run(
+                        scenario,
+                        session,
+                        args.connections,
+                        clients,
+                        &plan,
+                        &run_id,
+                        &pids.serving(session.target()),
+                    )
+                    .await?;
+                    let rpc = if scenario == Scenario::Keepalive {
+                        "renew"
+                    } else {
+                        "acquire"
+                    };
+                    let p99 = r
+                        .latency_of(rpc)
+                        .map_or_else(|| "-".to_owned(), |l| micros(l.p99_us));
+                    eprintln!(
+                        "[{}] {:<12} clients={:<5} {:>9} ops/s  {rpc} p99 {:>8}  errors {}  \
                      server CPU {}",
-                    scenario.name(),
-                    session.target().name(),
-                    clients,
-                    thousands(r.ops_per_second),
-                    p99,
-                    r.errors.values().sum::<u64>() + r.unexpected,
-                    r.server_us_per_op()
-                        .map_or_else(|| "-".to_owned(), |us| format!("{}/op", micros(us))),
-                );
-                runs.push(r);
-                tokio::time::sleep(BETWEEN_RUNS).await;
+                        scenario.name(),
+                        session.target().name(),
+                        clients,
+                        thousands(r.ops_per_second),
+                        p99,
+                        r.errors.values().sum::<u64>() + r.unexpected,
+                        r.server_us_per_op()
+                            .map_or_else(|| "-".to_owned(), |us| format!("{}/op", micros(us))),
+                    );
+                    repeats.push(r);
+                    tokio::time::sleep(BETWEEN_RUNS).await;
+                }
             }
+            runs.extend(repeats.into_iter().filter_map(median_run));
         }
     }
 
@@ -285,8 +291,20 @@ async fn bench(args: Args) -> Result<()> {
 }
 
 /// Definitions and caveats of the timed scenarios.
+/// The run with the median ops/s (the upper one of an even count), or `None` for no runs.
+fn median_run(mut runs: Vec<scenario::RunResult>) -> Option<scenario::RunResult> {
+    runs.sort_by(|a, b| a.ops_per_second.total_cmp(&b.ops_per_second));
+    let mid = runs.len() / 2;
+    (mid < runs.len()).then(|| runs.swap_remove(mid))
+}
+
 fn load_notes(args: &Args) -> Vec<String> {
-    vec![
+    let mut notes = vec![format!(
+        "{} run(s) per scenario, concurrency and target, targets interleaved; with more than \
+         one, each row is the run with the median ops/s.",
+        args.repeat
+    )];
+    notes.extend([
         "keepalive: each client holds one lease and renews it back-to-back, one renewal in \
          flight: lockd, an empty heartbeat on the client's own KeepAlive stream (opened during \
          the warm-up) and its reply; redis-direct, a compare-and-PEXPIRE script (EVALSHA). A \
@@ -312,7 +330,8 @@ fn load_notes(args: &Args) -> Vec<String> {
              redis-direct); client i uses connection i mod {}.",
             args.connections, args.connections
         ),
-    ]
+    ]);
+    notes
 }
 
 /// A short prefix for this invocation's resource names, so runs never share a lock.
@@ -324,4 +343,38 @@ fn run_id() -> String {
         "b{:06x}",
         (u64::from(nanos) ^ u64::from(std::process::id()) << 8) & 0xff_ffff
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn run_at(ops_per_second: f64) -> scenario::RunResult {
+        scenario::RunResult {
+            scenario: Scenario::Uncontended,
+            target: Target::Lockd,
+            clients: 16,
+            connections: 4,
+            elapsed_s: 1.0,
+            ops: 0,
+            ops_per_second,
+            latency: Vec::new(),
+            errors: BTreeMap::new(),
+            first_error: None,
+            unexpected: 0,
+            contention: None,
+            server_cpu: Vec::new(),
+            held_locks: None,
+            scale_repeat: false,
+        }
+    }
+
+    #[test]
+    fn the_median_run_by_ops_per_second_is_reported() {
+        let runs = vec![run_at(300.0), run_at(100.0), run_at(200.0)];
+        assert_eq!(median_run(runs).unwrap().ops_per_second, 200.0);
+        assert_eq!(median_run(vec![run_at(7.0)]).unwrap().ops_per_second, 7.0);
+        assert!(median_run(Vec::new()).is_none());
+    }
 }
