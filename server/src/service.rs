@@ -129,10 +129,17 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
             hand_to: offer.as_ref().map(|o| o.params().clone()),
         };
         let mut result = self.backend.release(&params).await;
-        let handed = result.as_mut().ok().and_then(|o| o.handed.take());
-        let handed_fence = handed.as_ref().map(|l| l.fencing_token);
-        if let Some(offer) = offer {
-            offer.settle(handed);
+        let mut handed_fence = None;
+        match (offer, &mut result) {
+            (Some(offer), Ok(outcome)) => {
+                let handed = outcome.handed.take();
+                handed_fence = handed.as_ref().map(|l| l.fencing_token);
+                offer.settle(handed);
+            }
+            // Whether the script ran is unknown (a reply timeout, say): an unsettled offer
+            // wakes the waiter to try itself, which finds its own lease if it got one.
+            (Some(offer), Err(_)) => drop(offer),
+            (None, _) => {}
         }
         let outcome = result?;
         info!(
