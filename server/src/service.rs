@@ -81,10 +81,12 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         let req = request::Acquire::parse(request.into_inner(), &self.limits, peer, || {
             Token::generate(&self.instance_id)
         })?;
+        // Shared with the waiter's registration, which a release may hand the lock to.
+        let params = Arc::new(req.params);
         let outcome = wait::acquire(
             &self.backend,
             &self.waiters,
-            &req.params,
+            &params,
             req.wait,
             &self.shutdown,
         )
@@ -92,14 +94,14 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         match &outcome {
             AcquireOutcome::Acquired(lease) => info!(
                 resource = %lease.resource,
-                owner = %req.params.owner,
+                owner = %params.owner,
                 fencing_token = lease.fencing_token,
                 outcome = "acquired",
                 "acquire"
             ),
             AcquireOutcome::Busy(busy) => info!(
-                resource = %req.params.resource,
-                owner = %req.params.owner,
+                resource = %params.resource,
+                owner = %params.owner,
                 holder = busy.holder.as_ref().map_or("", |h| h.owner.as_str()),
                 fencing_token = busy.holder.as_ref().map_or(0, |h| h.fencing_token),
                 outcome = "busy",

@@ -32,7 +32,7 @@ const EXPIRY_SLACK: Duration = Duration::from_millis(2);
 pub async fn acquire<B: Backend>(
     backend: &Arc<B>,
     waiters: &Arc<Waiters>,
-    params: &AcquireParams,
+    params: &Arc<AcquireParams>,
     wait: Duration,
     shutdown: &CancellationToken,
 ) -> Result<AcquireOutcome> {
@@ -43,7 +43,7 @@ pub async fn acquire<B: Backend>(
     let deadline = Instant::now() + wait;
     let registration = waiters.register(&params.resource, params.fair.as_deref());
     if params.limit == 1 && backend.hands_off() {
-        registration.accept_hand_offs(Arc::new(params.clone()));
+        registration.accept_hand_offs(params.clone());
     }
     let leave_queue = params.fair.as_ref().map(|id| LeaveQueue {
         backend: backend.clone(),
