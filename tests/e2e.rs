@@ -14,6 +14,7 @@ mod contention;
 mod fairness;
 mod keepalive;
 mod listing;
+mod lock_core;
 mod min_hold;
 mod operations;
 mod python;

@@ -35,6 +35,9 @@ pub struct ExtendParams {
     pub replace_ttl: bool,
     /// The remaining time is capped here.
     pub max_ttl: Duration,
+    /// Who renews: a KeepAlive stream's id, recorded on the lease; `None` (a plain Extend)
+    /// clears the record.
+    pub renewer: Option<String>,
 }
 
 /// One page of [`Backend::list`].

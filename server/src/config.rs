@@ -67,6 +67,10 @@ pub struct Config {
     #[arg(long, env = "LOCKD_MAX_WAIT", default_value = "5m", value_parser = parse_duration)]
     pub max_wait: Duration,
 
+    /// Most leases one KeepAlive stream may keep, and most entries one message may name.
+    #[arg(long, env = "LOCKD_MAX_STREAM_LEASES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_stream_leases: u32,
+
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish before lockd exits.
     #[arg(long, env = "LOCKD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -91,6 +95,10 @@ pub enum LogFormat {
     Json,
 }
 
+/// The largest duration setting accepted: far beyond any sensible value, and far from the
+/// overflow of time arithmetic.
+const MAX_DURATION_SETTING: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The limits every request is validated against.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -100,6 +108,8 @@ pub struct Limits {
     pub max_ttl: Duration,
     /// Largest wait allowed.
     pub max_wait: Duration,
+    /// Most leases per KeepAlive stream.
+    pub max_stream_leases: usize,
 }
 
 /// How to reach Redis, already resolved from REDIS_URL or REDIS_HOST and friends.
@@ -160,7 +170,66 @@ impl Config {
             default_ttl: self.default_ttl,
             max_ttl: self.max_ttl,
             max_wait: self.max_wait,
+            max_stream_leases: self.max_stream_leases as usize,
         }
+    }
+
+    /// Refuses settings that would break lockd's guarantees or its arithmetic, naming the
+    /// setting and the rule. Called before anything starts.
+    ///
+    /// # Errors
+    /// The first broken rule, as a message for the operator.
+    pub fn validate(&self) -> Result<(), String> {
+        let rule = |setting: &str, rule: &str| Err(format!("{setting}: {rule}"));
+        if self.max_ttl < Duration::from_millis(1) || self.max_ttl > MAX_DURATION_SETTING {
+            return rule(
+                "LOCKD_MAX_TTL (--max-ttl)",
+                "must be between 1ms and 365 days",
+            );
+        }
+        if self.default_ttl < Duration::from_millis(1) {
+            // A zero TTL makes a lease that is expired when granted: two callers would both
+            // get the lock.
+            return rule(
+                "LOCKD_DEFAULT_TTL (--default-ttl)",
+                "must be at least 1ms (a zero TTL grants leases that are already expired)",
+            );
+        }
+        if self.default_ttl > self.max_ttl {
+            return Err(format!(
+                "LOCKD_DEFAULT_TTL (--default-ttl): must be at most LOCKD_MAX_TTL ({}ms), got {}ms",
+                self.max_ttl.as_millis(),
+                self.default_ttl.as_millis()
+            ));
+        }
+        if self.max_wait > MAX_DURATION_SETTING {
+            return rule("LOCKD_MAX_WAIT (--max-wait)", "must be at most 365 days");
+        }
+        if self.redis_timeout < Duration::from_millis(1)
+            || self.redis_timeout > Duration::from_secs(3600)
+        {
+            return rule(
+                "LOCKD_REDIS_TIMEOUT (--redis-timeout)",
+                "must be between 1ms and 1h (zero would fail every Redis call)",
+            );
+        }
+        if self.shutdown_grace > Duration::from_secs(3600) {
+            return rule(
+                "LOCKD_SHUTDOWN_GRACE (--shutdown-grace)",
+                "must be at most 1h",
+            );
+        }
+        if self.key_prefix.is_empty()
+            || self.key_prefix.contains(['{', '}'])
+            || self.key_prefix.chars().any(char::is_control)
+        {
+            return rule(
+                "LOCKD_KEY_PREFIX (--key-prefix)",
+                "must be non-empty, without `{`, `}` or control characters (they would break the \
+                 Redis Cluster hash tag that keeps a resource's keys in one slot)",
+            );
+        }
+        Ok(())
     }
 
     /// The Redis settings, or `None` when no Redis is configured (embedded backend).
@@ -273,6 +342,59 @@ mod tests {
             tokio::runtime::RuntimeFlavor::MultiThread
         );
         assert_eq!(runtime.metrics().num_workers(), 3);
+    }
+
+    fn validated(args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["lockd"];
+        all.extend_from_slice(args);
+        Config::parse_from(all).validate()
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(validated(&[]), Ok(()));
+    }
+
+    #[test]
+    fn a_zero_default_ttl_is_refused_naming_the_setting() {
+        let err = validated(&["--default-ttl", "0s"]).unwrap_err();
+        assert!(err.contains("LOCKD_DEFAULT_TTL"), "{err}");
+        assert!(err.contains("at least 1ms"), "{err}");
+    }
+
+    #[test]
+    fn a_default_ttl_above_the_maximum_is_refused() {
+        let err = validated(&["--default-ttl", "2h", "--max-ttl", "1h"]).unwrap_err();
+        assert!(
+            err.contains("LOCKD_DEFAULT_TTL") && err.contains("LOCKD_MAX_TTL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_huge_max_wait_is_refused_before_it_can_overflow_a_deadline() {
+        let err = validated(&["--max-wait", "18446744073709551615s"]).unwrap_err();
+        assert!(err.contains("LOCKD_MAX_WAIT"), "{err}");
+        assert_eq!(validated(&["--max-wait", "24h"]), Ok(()));
+    }
+
+    #[test]
+    fn unsafe_redis_settings_are_refused() {
+        assert!(
+            validated(&["--redis-timeout", "0s"])
+                .unwrap_err()
+                .contains("LOCKD_REDIS_TIMEOUT")
+        );
+        assert!(
+            validated(&["--key-prefix", "a{b"])
+                .unwrap_err()
+                .contains("LOCKD_KEY_PREFIX")
+        );
+        assert!(
+            validated(&["--max-ttl", "0s"])
+                .unwrap_err()
+                .contains("LOCKD_MAX_TTL")
+        );
     }
 
     #[test]

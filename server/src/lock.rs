@@ -76,6 +76,9 @@ pub struct ReleaseParams {
     /// A local waiter's Acquire: when the lock frees now and that waiter may take it (a mutex,
     /// and first in any fair queue), the backend grants it in the same step (a hand-off).
     pub hand_to: Option<Arc<AcquireParams>>,
+    /// Release only if the lease's last renewal was made by this renewer (a KeepAlive stream
+    /// releasing on close); otherwise nothing changes and the status is `HeldByOther`.
+    pub only_if_renewer: Option<String>,
 }
 
 /// The result of a release.

@@ -13,6 +13,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let config = lockd::Config::parse();
     lockd::telemetry::init(config.log_format);
+    if let Err(rule) = config.validate() {
+        tracing::error!("refusing to start: {rule}");
+        return ExitCode::from(2);
+    }
     let runtime = match config.runtime() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -1,5 +1,5 @@
-//! The gRPC adapter: `lockd.v1.LockService` over any [`Backend`]. Handlers validate the
-//! request, make one backend call (or a wait), log one decision line, and convert the result.
+//! The gRPC adapter: `lockd.v1.LockService` over the lock core ([`Locks`]). Each handler
+//! parses the request into domain types, makes one call to the core, and converts the result.
 
 mod keepalive;
 mod request;
@@ -12,56 +12,22 @@ use lockd_proto::v1 as pb;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::info;
 
-use crate::backend::{Backend, ExtendParams};
-use crate::config::Limits;
-use crate::events::Events;
-use crate::lock::{AcquireOutcome, LeaseStatus, ReleaseParams, Token};
-use crate::wait;
-use crate::waiters::Waiters;
+use crate::backend::Backend;
+use crate::lock::LeaseStatus;
+use crate::locks::{Locks, ReleaseVia};
 
 /// The `LockService` implementation, generic over the lock store.
 #[derive(Debug)]
 pub struct LockService<B> {
-    backend: Arc<B>,
-    waiters: Arc<Waiters>,
-    events: Arc<Events>,
-    limits: Limits,
-    /// Prefix of generated tokens, so an operator can tell which lockd granted a lease.
-    instance_id: Arc<str>,
-    /// Cancelled on shutdown: ends every wait and stream with UNAVAILABLE.
-    shutdown: CancellationToken,
+    locks: Arc<Locks<B>>,
 }
 
 impl<B: Backend> LockService<B> {
-    /// A service over `backend`. `waiters` and `events` must be the ones the backend reports to.
-    pub fn new(
-        backend: Arc<B>,
-        waiters: Arc<Waiters>,
-        events: Arc<Events>,
-        limits: Limits,
-        instance_id: String,
-        shutdown: CancellationToken,
-    ) -> Self {
-        Self {
-            backend,
-            waiters,
-            events,
-            limits,
-            instance_id: instance_id.into(),
-            shutdown,
-        }
-    }
-}
-
-fn status_name(s: LeaseStatus) -> &'static str {
-    match s {
-        LeaseStatus::Ok => "ok",
-        LeaseStatus::NotHeld => "not_held",
-        LeaseStatus::HeldByOther => "held_by_other",
+    /// A service over the lock core.
+    pub fn new(locks: Arc<Locks<B>>) -> Self {
+        Self { locks }
     }
 }
 
@@ -78,36 +44,8 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let peer = request.remote_addr();
-        let req = request::Acquire::parse(request.into_inner(), &self.limits, peer, || {
-            Token::generate(&self.instance_id)
-        })?;
-        // Shared with the waiter's registration, which a release may hand the lock to.
-        let params = Arc::new(req.params);
-        let outcome = wait::acquire(
-            &self.backend,
-            &self.waiters,
-            &params,
-            req.wait,
-            &self.shutdown,
-        )
-        .await?;
-        match &outcome {
-            AcquireOutcome::Acquired(lease) => info!(
-                resource = %lease.resource,
-                owner = %params.owner,
-                fencing_token = lease.fencing_token,
-                outcome = "acquired",
-                "acquire"
-            ),
-            AcquireOutcome::Busy(busy) => info!(
-                resource = %params.resource,
-                owner = %params.owner,
-                holder = busy.holder.as_ref().map_or("", |h| h.owner.as_str()),
-                fencing_token = busy.holder.as_ref().map_or(0, |h| h.fencing_token),
-                outcome = "busy",
-                "acquire"
-            ),
-        }
+        let req = request::Acquire::parse(request.into_inner(), &self.locks, peer)?;
+        let outcome = self.locks.acquire(&req.params, req.wait).await?;
         Ok(Response::new(response::acquire(outcome)))
     }
 
@@ -115,43 +53,8 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let req = request::Release::parse(request.into_inner())?;
-        // The local head waiter may get the lock in the same backend call.
-        let offer = self
-            .backend
-            .hands_off()
-            .then(|| self.waiters.offer(&req.resource))
-            .flatten();
-        let params = ReleaseParams {
-            resource: req.resource,
-            token: req.token,
-            keep_until: req.keep_until,
-            min_hold: req.min_hold,
-            max_ttl: self.limits.max_ttl,
-            hand_to: offer.as_ref().map(|o| o.params().clone()),
-        };
-        let mut result = self.backend.release(&params).await;
-        let mut handed_fence = None;
-        match (offer, &mut result) {
-            (Some(offer), Ok(outcome)) => {
-                let handed = outcome.handed.take();
-                handed_fence = handed.as_ref().map(|l| l.fencing_token);
-                offer.settle(handed);
-            }
-            // Whether the script ran is unknown (a reply timeout, say): an unsettled offer
-            // wakes the waiter to try itself, which finds its own lease if it got one.
-            (Some(offer), Err(_)) => drop(offer),
-            (None, _) => {}
-        }
-        let outcome = result?;
-        info!(
-            resource = %params.resource,
-            outcome = status_name(outcome.status),
-            frees_at = outcome.frees_at,
-            handed_to = params.hand_to.as_ref().filter(|_| handed_fence.is_some()).map(|p| p.owner.as_str()),
-            handed_fencing_token = handed_fence,
-            "release"
-        );
+        let params = request::release(request.into_inner(), self.locks.limits())?;
+        let outcome = self.locks.release(&params, ReleaseVia::Rpc).await?;
         Ok(Response::new(pb::ReleaseResponse {
             released: outcome.status == LeaseStatus::Ok,
             status: response::lease_status(outcome.status) as i32,
@@ -163,16 +66,8 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         &self,
         request: Request<pb::ExtendRequest>,
     ) -> Result<Response<pb::ExtendResponse>, Status> {
-        let req = request::Extend::parse(request.into_inner(), &self.limits)?;
-        let params = ExtendParams {
-            resource: req.resource,
-            token: req.token,
-            ttl: req.ttl,
-            replace_ttl: req.replace_ttl,
-            max_ttl: self.limits.max_ttl,
-        };
-        let outcome = self.backend.extend(&params).await?;
-        info!(resource = %params.resource, outcome = status_name(outcome.status), "extend");
+        let params = request::extend(request.into_inner(), self.locks.limits())?;
+        let outcome = self.locks.extend(&params).await?;
         Ok(Response::new(pb::ExtendResponse {
             extended: outcome.status == LeaseStatus::Ok,
             status: response::lease_status(outcome.status) as i32,
@@ -186,21 +81,8 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::IsLockedRequest>,
     ) -> Result<Response<pb::IsLockedResponse>, Status> {
         let resource = request::resource(request.into_inner().resource)?;
-        let found = self.backend.inspect(&resource).await?;
-        Ok(Response::new(match found {
-            None => pb::IsLockedResponse::default(),
-            Some(h) => pb::IsLockedResponse {
-                locked: true,
-                remaining: h
-                    .holders
-                    .iter()
-                    .map(|x| x.remaining)
-                    .max()
-                    .map(response::duration),
-                holders: u32::try_from(h.holders.len()).unwrap_or(u32::MAX),
-                limit: h.limit,
-            },
-        }))
+        let found = self.locks.inspect(&resource).await?;
+        Ok(Response::new(response::is_locked(found)))
     }
 
     async fn get_owner(
@@ -208,30 +90,15 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::GetOwnerRequest>,
     ) -> Result<Response<pb::GetOwnerResponse>, Status> {
         let resource = request::resource(request.into_inner().resource)?;
-        let found = self.backend.inspect(&resource).await?;
-        Ok(Response::new(match found {
-            None => pb::GetOwnerResponse::default(),
-            Some(h) => {
-                let holders: Vec<_> = h.holders.into_iter().map(response::lock_info).collect();
-                pb::GetOwnerResponse {
-                    holder: holders.first().cloned(),
-                    holders,
-                    limit: h.limit,
-                }
-            }
-        }))
+        let found = self.locks.inspect(&resource).await?;
+        Ok(Response::new(response::get_owner(found)))
     }
 
     async fn keep_alive(
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        let stream = keepalive::Session::start(
-            self.backend.clone(),
-            self.limits,
-            self.shutdown.clone(),
-            request.into_inner(),
-        );
+        let stream = keepalive::Session::start(self.locks.clone(), request.into_inner());
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -240,9 +107,9 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let scope = request::WatchScope::parse(request.into_inner())?;
-        let (mut rx, guard) = self.events.subscribe();
+        let (mut rx, guard) = self.locks.watch();
         let (tx, out) = tokio::sync::mpsc::channel(16);
-        let shutdown = self.shutdown.clone();
+        let shutdown = self.locks.shutdown().clone();
         // A task per watcher, so a watcher that went away is noticed (tx.closed) even when no
         // events flow, and shutdown ends the stream.
         tokio::spawn(async move {
@@ -266,8 +133,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
                 }
             }
         });
-        let stream = ReceiverStream::new(out);
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
     }
 
     async fn list_locks(
@@ -276,7 +142,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
     ) -> Result<Response<pb::ListLocksResponse>, Status> {
         let req = request::List::parse(request.into_inner())?;
         let page = self
-            .backend
+            .locks
             .list(&req.prefix, req.page_size, &req.page_token)
             .await?;
         Ok(Response::new(pb::ListLocksResponse {

@@ -19,7 +19,7 @@ use crate::lock::{
     AcquireOutcome, AcquireParams, Busy, EventKind, ExtendOutcome, Holders, Lease, LeaseStatus,
     LockEvent, LockInfo, ReleaseOutcome, ReleaseParams, Token, UnixMillis,
 };
-use crate::waiters::Waiters;
+use crate::locks::waiters::Waiters;
 
 /// Locks in maps behind one mutex. Expired leases are dropped on access and by [`sweep`](MemoryBackend::sweep).
 #[derive(Debug)]

@@ -37,7 +37,7 @@ use crate::lock::{
     AcquireOutcome, AcquireParams, Busy, ExtendOutcome, Holders, Lease, LeaseStatus,
     ReleaseOutcome, ReleaseParams,
 };
-use crate::waiters::Waiters;
+use crate::locks::waiters::Waiters;
 
 /// Locks in Redis. Shared behind an `Arc`.
 pub struct RedisBackend {

@@ -5,27 +5,32 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use futures_util::future::join_all;
+use futures_util::StreamExt as _;
 use lockd_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt as _};
-use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use tracing::info;
 
 use super::request::KeptLease;
 use super::response;
 use crate::backend::{Backend, ExtendParams};
-use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::lock::{LeaseStatus, ReleaseParams};
+use crate::locks::{Locks, ReleaseVia};
+
+/// Backend calls one stream makes at once when it renews or releases its leases, so one
+/// message cannot flood the backend however many leases it names.
+const CALLS_IN_FLIGHT: usize = 32;
 
 /// One KeepAlive stream's state, owned by its task.
 pub struct Session<B> {
-    backend: Arc<B>,
-    limits: Limits,
+    locks: Arc<Locks<B>>,
+    /// This stream's id, recorded on the leases it renews: on close it releases a lease only
+    /// if no other stream (or Extend, or re-Acquire) renewed it since.
+    id: String,
     /// The stream's leases by (resource, token secret), with when each ends unless renewed.
     leases: HashMap<(String, String), (KeptLease, Instant)>,
     /// Let leases expire instead of releasing them when the stream ends (from the first message).
@@ -44,28 +49,23 @@ fn lost(resource: &str, status: LeaseStatus) -> pb::LeaseState {
 impl<B: Backend> Session<B> {
     /// Starts the session task and returns the response stream.
     pub fn start(
-        backend: Arc<B>,
-        limits: Limits,
-        shutdown: CancellationToken,
+        locks: Arc<Locks<B>>,
         inbound: Streaming<pb::KeepAliveRequest>,
     ) -> impl Stream<Item = Result<pb::KeepAliveResponse, Status>> + Send + 'static {
         let (tx, rx) = mpsc::channel(16);
         let session = Self {
-            backend,
-            limits,
+            id: locks.new_id(),
+            locks,
             leases: HashMap::new(),
             expire_on_close: None,
             tx,
         };
-        tokio::spawn(session.run(inbound, shutdown));
+        tokio::spawn(session.run(inbound));
         ReceiverStream::new(rx)
     }
 
-    async fn run(
-        mut self,
-        mut inbound: Streaming<pb::KeepAliveRequest>,
-        shutdown: CancellationToken,
-    ) {
+    async fn run(mut self, mut inbound: Streaming<pb::KeepAliveRequest>) {
+        let shutdown = self.locks.shutdown().clone();
         loop {
             let next_end = self.leases.values().map(|(_, end)| *end).min();
             tokio::select! {
@@ -98,42 +98,80 @@ impl<B: Backend> Session<B> {
 
     /// Applies one client message, then renews every lease and reports their states.
     async fn heartbeat(&mut self, msg: pb::KeepAliveRequest) -> Result<()> {
+        let limits = *self.locks.limits();
+        let max = limits.max_stream_leases;
+        if msg.keep.len() > max || msg.release.len() > max {
+            return Err(Error::invalid(
+                "keep",
+                format!(
+                    "a message may name at most {max} leases in `keep` and in `release` (LOCKD_MAX_STREAM_LEASES)"
+                ),
+            ));
+        }
         self.expire_on_close.get_or_insert(msg.expire_on_close);
-        let mut states = Vec::new();
+        let mut releases = Vec::with_capacity(msg.release.len());
         for r in msg.release {
-            let lease = KeptLease::parse(r, &self.limits)?;
+            let lease = KeptLease::parse(r, &limits)?;
             self.leases
                 .remove(&(lease.resource.clone(), lease.token.expose().to_owned()));
-            // Boxed: a rare step, whose state would otherwise enlarge every session's task.
-            let outcome = Box::pin(self.backend.release(&self.release_params(&lease))).await?;
-            info!(resource = %lease.resource, outcome = "released", "keepalive");
-            states.push(pb::LeaseState {
-                released: outcome.status == LeaseStatus::Ok,
-                ..lost(&lease.resource, outcome.status)
-            });
+            releases.push(self.release_params(&lease, None));
         }
         for k in msg.keep {
-            let lease = KeptLease::parse(k, &self.limits)?;
+            let lease = KeptLease::parse(k, &limits)?;
             let key = (lease.resource.clone(), lease.token.expose().to_owned());
             // Until the renewal below answers, the lease is trusted for no time at all.
             self.leases.insert(key, (lease, Instant::now()));
         }
-        let renewals = self.leases.values().map(|(lease, _)| {
-            let params = ExtendParams {
+        if self.leases.len() > max {
+            return Err(Error::invalid(
+                "keep",
+                format!("a stream may keep at most {max} leases (LOCKD_MAX_STREAM_LEASES)"),
+            ));
+        }
+        let mut states = Vec::new();
+        let released: Vec<_> = futures_util::stream::iter(releases)
+            .map(|p| {
+                let locks = self.locks.clone();
+                async move {
+                    let outcome = locks.release(&p, ReleaseVia::KeepAlive).await;
+                    (p, outcome)
+                }
+            })
+            .buffer_unordered(CALLS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (params, outcome) in released {
+            let outcome = outcome?;
+            states.push(pb::LeaseState {
+                released: outcome.status == LeaseStatus::Ok,
+                ..lost(&params.resource, outcome.status)
+            });
+        }
+        let renewals: Vec<_> = self
+            .leases
+            .values()
+            .map(|(lease, _)| ExtendParams {
                 resource: lease.resource.clone(),
                 token: lease.token.clone(),
                 ttl: lease.ttl,
                 replace_ttl: true,
-                max_ttl: self.limits.max_ttl,
-            };
-            let started = Instant::now();
-            let backend = self.backend.clone();
-            async move {
-                let outcome = backend.extend(&params).await;
-                (params, started, outcome)
-            }
-        });
-        for (params, started, outcome) in join_all(renewals).await {
+                max_ttl: limits.max_ttl,
+                renewer: Some(self.id.clone()),
+            })
+            .collect();
+        let renewed: Vec<_> = futures_util::stream::iter(renewals)
+            .map(|params| {
+                let locks = self.locks.clone();
+                async move {
+                    let started = Instant::now();
+                    let outcome = locks.extend(&params).await;
+                    (params, started, outcome)
+                }
+            })
+            .buffer_unordered(CALLS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (params, started, outcome) in renewed {
             let outcome = outcome?;
             let key = (params.resource.clone(), params.token.expose().to_owned());
             match outcome.lease {
@@ -181,35 +219,38 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    fn release_params(&self, lease: &KeptLease) -> ReleaseParams {
+    fn release_params(&self, lease: &KeptLease, only_if_renewer: Option<String>) -> ReleaseParams {
         ReleaseParams {
             resource: lease.resource.clone(),
             token: lease.token.clone(),
             keep_until: None,
             min_hold: std::time::Duration::ZERO,
-            max_ttl: self.limits.max_ttl,
+            max_ttl: self.locks.limits().max_ttl,
             hand_to: None,
+            only_if_renewer,
         }
     }
 
     /// The stream ended without the client releasing: release its leases at once, unless it
-    /// asked for them to expire at their TTL.
+    /// asked for them to expire at their TTL. A lease renewed since by another stream (the
+    /// client reconnected), by Extend or by a re-Acquire is left alone: releasing it would undo
+    /// that renewal.
     async fn close(self) {
         if self.expire_on_close == Some(true) {
             return;
         }
-        let releases = self.leases.values().map(|(lease, _)| {
-            let params = self.release_params(lease);
-            let backend = self.backend.clone();
-            async move {
-                let outcome = backend.release(&params).await;
-                info!(
-                    resource = %params.resource,
-                    outcome = if outcome.is_ok() { "released_on_close" } else { "release_on_close_failed" },
-                    "keepalive"
-                );
-            }
-        });
-        join_all(releases).await;
+        let releases: Vec<_> = self
+            .leases
+            .values()
+            .map(|(lease, _)| self.release_params(lease, Some(self.id.clone())))
+            .collect();
+        futures_util::stream::iter(releases)
+            .for_each_concurrent(CALLS_IN_FLIGHT, |p| {
+                let locks = self.locks.clone();
+                async move {
+                    let _ = locks.release(&p, ReleaseVia::StreamClosed).await;
+                }
+            })
+            .await;
     }
 }

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use lockd_proto::v1 as pb;
 
+use crate::backend::{Backend, ExtendParams};
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::lock::{AcquireParams, Token, UnixMillis};
+use crate::lock::{AcquireParams, ReleaseParams, Token};
+use crate::locks::Locks;
 
 /// Longest resource name, in bytes.
 pub const MAX_RESOURCE_BYTES: usize = 256;
@@ -36,15 +38,6 @@ pub struct Acquire {
     pub wait: Duration,
 }
 
-/// A validated Release.
-#[derive(Debug)]
-pub struct Release {
-    pub resource: String,
-    pub token: Token,
-    pub keep_until: Option<UnixMillis>,
-    pub min_hold: Duration,
-}
-
 /// A validated ListLocks.
 #[derive(Debug)]
 pub struct List {
@@ -68,15 +61,6 @@ pub struct KeptLease {
     pub resource: String,
     pub token: Token,
     pub ttl: Duration,
-}
-
-/// A validated Extend.
-#[derive(Debug)]
-pub struct Extend {
-    pub resource: String,
-    pub token: Token,
-    pub ttl: Duration,
-    pub replace_ttl: bool,
 }
 
 /// Checks a resource name: 1 to 256 bytes of UTF-8 (guaranteed by protobuf) without control
@@ -211,13 +195,14 @@ fn labels(l: std::collections::HashMap<String, String>) -> Result<BTreeMap<Strin
 }
 
 impl Acquire {
-    /// Validates an Acquire. `generate` makes the token when the client gave none.
-    pub fn parse(
+    /// Validates an Acquire. `locks` gives the limits, and makes the token when the client gave
+    /// none.
+    pub fn parse<B: Backend>(
         r: pb::AcquireRequest,
-        limits: &Limits,
+        locks: &Locks<B>,
         peer: Option<SocketAddr>,
-        generate: impl FnOnce() -> Token,
     ) -> Result<Self> {
+        let limits = locks.limits();
         let resource = resource(r.resource)?;
         let ttl = match &r.ttl {
             Some(d) => ttl("ttl", d, limits.max_ttl)?,
@@ -238,7 +223,7 @@ impl Acquire {
         }
         let new_token = r.token.is_empty();
         let token = if new_token {
-            generate()
+            locks.new_token()
         } else {
             bounded_token(r.token)?
         };
@@ -250,7 +235,7 @@ impl Acquire {
         }
         // Only a waiting request takes a place in the fair queue; a single attempt still
         // respects the queue (the backend does that for every request).
-        let fair = (r.fair && !wait.is_zero()).then(|| uuid::Uuid::new_v4().to_string());
+        let fair = (r.fair && !wait.is_zero()).then(|| locks.new_id());
         Ok(Self {
             params: AcquireParams {
                 resource,
@@ -268,49 +253,50 @@ impl Acquire {
     }
 }
 
-impl Release {
-    /// Validates a Release.
-    pub fn parse(r: pb::ReleaseRequest) -> Result<Self> {
-        let keep_until = match r.keep_until {
-            None => None,
-            Some(t) if (0..1_000_000_000).contains(&t.nanos) => Some(
-                t.seconds
-                    .saturating_mul(1000)
-                    .saturating_add(i64::from(t.nanos / 1_000_000)),
-            ),
-            Some(_) => return Err(Error::invalid("keep_until", "must be a valid timestamp")),
-        };
-        let min_hold = match &r.min_hold {
-            Some(d) => duration("min_hold", d)?,
-            None => Duration::ZERO,
-        };
-        Ok(Self {
-            resource: resource(r.resource)?,
-            token: required_token(r.token)?,
-            keep_until,
-            min_hold,
-        })
-    }
+/// Validates a Release.
+pub fn release(r: pb::ReleaseRequest, limits: &Limits) -> Result<ReleaseParams> {
+    let keep_until = match r.keep_until {
+        None => None,
+        Some(t) if (0..1_000_000_000).contains(&t.nanos) => Some(
+            t.seconds
+                .saturating_mul(1000)
+                .saturating_add(i64::from(t.nanos / 1_000_000)),
+        ),
+        Some(_) => return Err(Error::invalid("keep_until", "must be a valid timestamp")),
+    };
+    let min_hold = match &r.min_hold {
+        Some(d) => duration("min_hold", d)?,
+        None => Duration::ZERO,
+    };
+    Ok(ReleaseParams {
+        resource: resource(r.resource)?,
+        token: required_token(r.token)?,
+        keep_until,
+        min_hold,
+        max_ttl: limits.max_ttl,
+        hand_to: None,
+        only_if_renewer: None,
+    })
 }
 
-impl Extend {
-    /// Validates an Extend.
-    pub fn parse(r: pb::ExtendRequest, limits: &Limits) -> Result<Self> {
-        let resource = resource(r.resource)?;
-        let token = required_token(r.token)?;
-        let Some(d) = &r.ttl else {
-            return Err(Error::invalid(
-                "ttl",
-                "is required (the time to add, at least 1ms)",
-            ));
-        };
-        Ok(Self {
-            resource,
-            token,
-            ttl: ttl("ttl", d, limits.max_ttl)?,
-            replace_ttl: r.replace_ttl,
-        })
-    }
+/// Validates an Extend.
+pub fn extend(r: pb::ExtendRequest, limits: &Limits) -> Result<ExtendParams> {
+    let resource = resource(r.resource)?;
+    let token = required_token(r.token)?;
+    let Some(d) = &r.ttl else {
+        return Err(Error::invalid(
+            "ttl",
+            "is required (the time to add, at least 1ms)",
+        ));
+    };
+    Ok(ExtendParams {
+        resource,
+        token,
+        ttl: ttl("ttl", d, limits.max_ttl)?,
+        replace_ttl: r.replace_ttl,
+        max_ttl: limits.max_ttl,
+        renewer: None,
+    })
 }
 
 impl List {

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use lockd_proto::v1 as pb;
 
-use crate::lock::{AcquireOutcome, EventKind, Lease, LeaseStatus, LockEvent, LockInfo, UnixMillis};
+use crate::lock::{
+    AcquireOutcome, EventKind, Holders, Lease, LeaseStatus, LockEvent, LockInfo, UnixMillis,
+};
 
 pub fn timestamp(ms: UnixMillis) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -72,6 +74,32 @@ pub fn acquire(outcome: AcquireOutcome) -> pb::AcquireResponse {
             lease: None,
             holder: b.holder.map(lock_info),
         },
+    }
+}
+
+pub fn is_locked(found: Option<Holders>) -> pb::IsLockedResponse {
+    match found {
+        None => pb::IsLockedResponse::default(),
+        Some(h) => pb::IsLockedResponse {
+            locked: true,
+            remaining: h.holders.iter().map(|x| x.remaining).max().map(duration),
+            holders: u32::try_from(h.holders.len()).unwrap_or(u32::MAX),
+            limit: h.limit,
+        },
+    }
+}
+
+pub fn get_owner(found: Option<Holders>) -> pb::GetOwnerResponse {
+    match found {
+        None => pb::GetOwnerResponse::default(),
+        Some(h) => {
+            let holders: Vec<_> = h.holders.into_iter().map(lock_info).collect();
+            pb::GetOwnerResponse {
+                holder: holders.first().cloned(),
+                holders,
+                limit: h.limit,
+            }
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use super::RedisBackend;
 use crate::error::Result;
 use crate::events::Events;
 use crate::lock::{EventKind, LockEvent};
-use crate::waiters::Waiters;
+use crate::locks::waiters::Waiters;
 
 /// The keyspace-notification pattern for expired keys, in any database.
 const EXPIRED_PATTERN: &str = "__keyevent@*__:expired";
