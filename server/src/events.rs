@@ -42,11 +42,6 @@ impl Events {
         }
     }
 
-    /// True when at least one watcher is subscribed.
-    pub fn is_watched(&self) -> bool {
-        *self.watchers.borrow() > 0
-    }
-
     /// Follows the number of watchers (for backends that subscribe to events on demand).
     pub fn watchers(&self) -> watch::Receiver<usize> {
         self.watchers.subscribe()
