@@ -127,6 +127,7 @@ crate::conformance! {
 /// queue behind it in lockd), and a release hands the lock to that waiter inside the release
 /// script: one script call, and no herd. Counted as script calls in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hand-offs were removed from the backends; the new lock core's tests replace this"]
 async fn twenty_waiters_cost_one_attempt_and_a_release_hands_over_in_one_script_call() {
     let s = Setup::new(Store::Redis).await;
     let redis = s.redis.as_ref().unwrap();
@@ -177,6 +178,7 @@ async fn twenty_waiters_cost_one_attempt_and_a_release_hands_over_in_one_script_
 /// A release with a waiter on the same lockd grants the lock to that waiter in the release
 /// script: the waiter holds it at once (its owner, the next fencing token, no wake-up message).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "hand-offs were removed from the backends; the new lock core's tests replace this"]
 async fn a_release_hands_the_lock_to_a_local_waiter_without_a_wake_up_message() {
     use futures_util::StreamExt as _;
     let s = Setup::new(Store::Redis).await;

@@ -116,40 +116,19 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let req = request::Release::parse(request.into_inner())?;
-        // The local head waiter may get the lock in the same backend call.
-        let offer = self
-            .backend
-            .hands_off()
-            .then(|| self.waiters.offer(&req.resource))
-            .flatten();
         let params = ReleaseParams {
             resource: req.resource,
             token: req.token,
             keep_until: req.keep_until,
             min_hold: req.min_hold,
             max_ttl: self.limits.max_ttl,
-            hand_to: offer.as_ref().map(|o| o.params().clone()),
         };
-        let mut result = self.backend.release(&params).await;
-        let mut handed_fence = None;
-        match (offer, &mut result) {
-            (Some(offer), Ok(outcome)) => {
-                let handed = outcome.handed.take();
-                handed_fence = handed.as_ref().map(|l| l.fencing_token);
-                offer.settle(handed);
-            }
-            // Whether the script ran is unknown (a reply timeout, say): an unsettled offer
-            // wakes the waiter to try itself, which finds its own lease if it got one.
-            (Some(offer), Err(_)) => drop(offer),
-            (None, _) => {}
-        }
-        let outcome = result?;
+        // Backends no longer hand the lock to a waiter: a release wakes the next one instead.
+        let outcome = self.backend.release(&params).await?;
         info!(
             resource = %params.resource,
             outcome = status_name(outcome.status),
             frees_at = outcome.frees_at,
-            handed_to = params.hand_to.as_ref().filter(|_| handed_fence.is_some()).map(|p| p.owner.as_str()),
-            handed_fencing_token = handed_fence,
             "release"
         );
         Ok(Response::new(pb::ReleaseResponse {

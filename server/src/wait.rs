@@ -42,9 +42,6 @@ pub async fn acquire<B: Backend>(
     }
     let deadline = Instant::now() + wait;
     let registration = waiters.register(&params.resource, params.fair.as_deref());
-    if params.limit == 1 && backend.hands_off() {
-        registration.accept_hand_offs(params.clone());
-    }
     let leave_queue = params.fair.as_ref().map(|id| LeaveQueue {
         backend: backend.clone(),
         resource: params.resource.clone(),
@@ -187,7 +184,6 @@ pub async fn release_orphans<B: Backend>(
                 keep_until: None,
                 min_hold: Duration::ZERO,
                 max_ttl,
-                hand_to: None,
             };
             if let Err(e) = backend.release(&params).await {
                 tracing::warn!(resource = %lease.resource, error = %e, "cannot release a lease handed to a waiter that left; it ends at its TTL");

@@ -188,7 +188,6 @@ impl<B: Backend> Session<B> {
             keep_until: None,
             min_hold: std::time::Duration::ZERO,
             max_ttl: self.limits.max_ttl,
-            hand_to: None,
         }
     }
 
