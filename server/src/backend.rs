@@ -111,12 +111,6 @@ pub trait Backend: Send + Sync + 'static {
     /// Checks that the store answers, for the health service.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
 
-    /// Whether [`Backend::release`] can hand the lock to [`ReleaseParams::hand_to`]. Without
-    /// hand-offs, a release wakes the next waiter, which then calls [`Backend::acquire`].
-    fn hands_off(&self) -> bool {
-        false
-    }
-
     /// A short name for logs: "memory" or "redis".
     fn name(&self) -> &'static str;
 }

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// The secret that proves a lease is held. Only the holder and the backend ever see it.
@@ -73,9 +72,6 @@ pub struct ReleaseParams {
     pub min_hold: Duration,
     /// A minimum hold never lasts longer than this from now.
     pub max_ttl: Duration,
-    /// A local waiter's Acquire: when the lock frees now and that waiter may take it (a mutex,
-    /// and first in any fair queue), the backend grants it in the same step (a hand-off).
-    pub hand_to: Option<Arc<AcquireParams>>,
     /// Release only if the lease's last renewal was made by this renewer (a KeepAlive stream
     /// releasing on close); otherwise nothing changes and the status is `HeldByOther`.
     pub only_if_renewer: Option<String>,
@@ -88,8 +84,6 @@ pub struct ReleaseOutcome {
     pub status: LeaseStatus,
     /// When the lock frees for others (now, or the minimum-hold point), when released.
     pub frees_at: Option<UnixMillis>,
-    /// The lease granted to [`ReleaseParams::hand_to`], when the lock was handed over.
-    pub handed: Option<Lease>,
 }
 
 /// Why an acquire attempt was not granted.

@@ -328,7 +328,6 @@ impl Backend for MemoryBackend {
         let not = |status| ReleaseOutcome {
             status,
             frees_at: None,
-            handed: None,
         };
         let (outcome, next) = {
             let mut state = self.state();
@@ -381,11 +380,10 @@ impl Backend for MemoryBackend {
             });
             let next = state.queue_head(&p.resource, now).map(str::to_owned);
             (
-                // No hand-offs: the release below wakes the next waiter in-process.
+                // The release below wakes the next waiter in-process.
                 ReleaseOutcome {
                     status: LeaseStatus::Ok,
                     frees_at: Some(frees_at),
-                    handed: None,
                 },
                 next,
             )

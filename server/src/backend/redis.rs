@@ -263,59 +263,26 @@ impl Backend for RedisBackend {
     }
 
     async fn release(&self, p: &ReleaseParams) -> Result<ReleaseOutcome> {
-        let hand_to = p.hand_to.as_deref().filter(|next| next.limit == 1);
         let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
-        inv.key(self.key(&p.resource, ":queue"));
-        if hand_to.is_some() {
-            inv.key(self.key(&p.resource, ":fence"))
-                .key(self.key(&p.resource, ":qexp"));
-        }
-        inv.arg(p.token.expose())
+        inv.key(self.key(&p.resource, ":queue"))
+            .arg(p.token.expose())
             .arg(&self.released_channel)
             .arg(&self.events_channel)
             .arg(&p.resource)
             .arg(p.keep_until.unwrap_or(0))
             .arg(ms(p.min_hold))
             .arg(ms(p.max_ttl));
-        match hand_to {
-            Some(next) => {
-                inv.arg(next.token.expose())
-                    .arg(ms(next.ttl))
-                    .arg(&next.owner)
-                    .arg(next.fair.as_deref().unwrap_or(""));
-                for (name, value) in &next.labels {
-                    inv.arg(name).arg(value);
-                }
-            }
-            None => {
-                inv.arg("").arg(0).arg("").arg("");
-            }
-        }
         let reply = Reply::new(self.run(&inv).await?)?;
         let status = reply.lease_status()?;
         if status != LeaseStatus::Ok {
             return Ok(ReleaseOutcome {
                 status,
                 frees_at: None,
-                handed: None,
             });
         }
-        let handed = match hand_to {
-            Some(next) if reply.0.len() > 2 => Some(Lease {
-                resource: p.resource.clone(),
-                token: next.token.clone(),
-                fencing_token: reply.uint(2)?,
-                expires_at: reply
-                    .int(3)?
-                    .saturating_add(i64::try_from(ms(next.ttl)).unwrap_or(i64::MAX)),
-                ttl: next.ttl,
-            }),
-            _ => None,
-        };
         Ok(ReleaseOutcome {
             status,
             frees_at: Some(reply.int(1)?),
-            handed,
         })
     }
 
@@ -399,10 +366,6 @@ impl Backend for RedisBackend {
             .arg(&self.released_channel)
             .arg(resource);
         self.run(&inv).await.map(drop)
-    }
-
-    fn hands_off(&self) -> bool {
-        true
     }
 
     async fn ping(&self) -> Result<()> {

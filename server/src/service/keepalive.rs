@@ -226,7 +226,6 @@ impl<B: Backend> Session<B> {
             keep_until: None,
             min_hold: std::time::Duration::ZERO,
             max_ttl: self.locks.limits().max_ttl,
-            hand_to: None,
             only_if_renewer,
         }
     }

@@ -274,7 +274,6 @@ pub fn release(r: pb::ReleaseRequest, limits: &Limits) -> Result<ReleaseParams> 
         keep_until,
         min_hold,
         max_ttl: limits.max_ttl,
-        hand_to: None,
         only_if_renewer: None,
     })
 }

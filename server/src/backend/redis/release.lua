@@ -3,8 +3,6 @@
 --
 -- KEYS[1]  the lock hash  <prefix>:{<resource>} (see acquire.lua for its fields)
 -- KEYS[2]  the fair queue  <prefix>:{<resource>}:queue (see acquire.lua)
--- KEYS[3]  the fencing counter  <prefix>:{<resource>}:fence (only given with a hand-off)
--- KEYS[4]  the fair queue's liveness hash  <prefix>:{<resource>}:qexp (only given with a hand-off)
 -- ARGV[1]  token of the caller
 -- ARGV[2]  the wake-up channel <prefix>:released, which every lockd subscribes to once
 -- ARGV[3]  the events channel <prefix>:events (for Watch)
@@ -12,19 +10,10 @@
 -- ARGV[5]  keep the lease until this time (ms since epoch), or 0
 -- ARGV[6]  keep the lease at least this long after it was acquired (ms), or 0
 -- ARGV[7]  the longest a minimum hold may last from now (ms): the server's maximum TTL
--- ARGV[8]  hand-off: the token of a waiting Acquire to grant the lock to, or '' for none
--- ARGV[9]  hand-off: its TTL in milliseconds
--- ARGV[10] hand-off: its owner
--- ARGV[11] hand-off: its fair waiter id, or ''
--- ARGV[12], ARGV[13], ...  hand-off: its label name, label value, ... (pairs, possibly none)
 --
--- A hand-off happens when a mutex is freed now (no minimum hold) and the fair queue is empty or
--- has the hand-off's waiter at its head: the lock is granted to that waiter as acquire.lua
--- would (marked w, since it waited), and no wake-up is published. Otherwise publishes
--- "<resource>\n<fair queue head or empty>" on ARGV[2] so the right waiter is woken, when anyone
--- waits: the lease is marked w (see acquire.lua) or a fair queue exists.
+-- Publishes "<resource>\n<fair queue head or empty>" on ARGV[2] so the right waiter is woken,
+-- when anyone waits: the lease is marked w (see acquire.lua) or a fair queue exists.
 -- Returns {1, frees-at ms} released (frees-at is now, or the minimum-hold point),
---         {1, now, fencing token, now} released and handed off,
 --         {0} not held (free, expired, or already released), {-1} held by another token.
 local t = redis.call('TIME')
 -- now in ms, also as a string (see acquire.lua: Redis formats Lua numbers with printf).
@@ -84,31 +73,13 @@ else
   end
 end
 -- A fair queue only exists while its waiters have seen a lease, which marked it w (see
--- acquire.lua): without w and without a hand-off, the queue need not be read.
-local next_token, waiter = ARGV[8], ARGV[11]
+-- acquire.lua): without w, the queue need not be read.
 local head = nil
-if waited or next_token ~= '' then
+if waited then
   head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
 end
 local frees_at_s = frees_at == now and now_s or frees_at
 redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. frees_at_s)
-if not semaphore and frees_at == now and next_token ~= '' and (head == nil or head == waiter) then
-  if head then
-    redis.call('ZREM', KEYS[2], waiter)
-    redis.call('HDEL', KEYS[4], waiter)
-  end
-  local next_fence = redis.call('INCR', KEYS[3])
-  local next_fence_s = tostring(next_fence)
-  local hash = {'t', next_token, 'o', ARGV[10], 'f', next_fence_s, 'a', now_s, 'w', '1'}
-  for i = 12, #ARGV, 2 do
-    hash[#hash + 1] = 'l:' .. ARGV[i]
-    hash[#hash + 1] = ARGV[i + 1]
-  end
-  redis.call('HSET', KEYS[1], unpack(hash))
-  redis.call('PEXPIRE', KEYS[1], ARGV[9])
-  redis.call('PUBLISH', ARGV[3], 'A\n' .. ARGV[4] .. '\n' .. ARGV[10] .. '\n' .. next_fence_s .. '\n' .. now_s .. '\n' .. (now + tonumber(ARGV[9])))
-  return {1, now, next_fence, now}
-end
 if waited or head then
   redis.call('PUBLISH', ARGV[2], ARGV[4] .. '\n' .. (head or ''))
 end
