@@ -17,6 +17,7 @@ mod listing;
 mod min_hold;
 mod operations;
 mod python;
+mod redis_safety;
 mod scheduler;
 mod semaphore;
 mod validation;
