@@ -56,6 +56,9 @@ pub struct RedisBackend {
     released_channel: String,
     /// `<prefix>:events`: every script that changes a lock publishes its event here.
     events_channel: String,
+    /// Why the wake-up subscription is down, or `None` while it works. While it is down,
+    /// blocking acquires are only woken by TTLs, so health reports `NOT_SERVING`.
+    wakeups_down: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -131,13 +134,9 @@ impl RedisBackend {
             prefix: config.key_prefix.clone(),
             released_channel: format!("{}:released", config.key_prefix),
             events_channel: format!("{}:events", config.key_prefix),
+            wakeups_down: Mutex::new(Some("not subscribed yet".to_owned())),
         });
-        let subscriber = Subscriber {
-            backend: backend.clone(),
-            client,
-            waiters,
-            events,
-        };
+        let subscriber = Subscriber::new(backend.clone(), client, waiters, events, config.timeout);
         tokio::spawn(subscriber.run(shutdown));
         Ok(backend)
     }
@@ -405,11 +404,22 @@ impl Backend for RedisBackend {
         true
     }
 
+    /// Fails while Redis does not answer, and while the wake-up subscription is down.
     async fn ping(&self) -> Result<()> {
-        let mut ping = redis::pipe();
-        ping.cmd("PING");
-        let _: (String,) = self.query(&ping).await?;
-        Ok(())
+        let (i, mut conn) = self.conn().await?;
+        let pong = redis::cmd("PING").query_async::<String>(&mut conn).await;
+        self.forget_on_failure(i, pong)?;
+        let down = self
+            .wakeups_down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match down {
+            Some(cause) => Err(Error::Unavailable(format!(
+                "wake-up subscription down: {cause}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn name(&self) -> &'static str {
