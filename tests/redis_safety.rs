@@ -1,6 +1,7 @@
 //! Running over a Redis that is not quite right: a wake-up subscription that is refused or goes
-//! silent, and a foreign value under a lock key.
+//! silent, a foreign value under a lock key, and a Redis that may evict lock keys.
 
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -273,4 +274,171 @@ async fn a_script_error_answers_internal_not_unavailable() {
     // Other resources are fine, and so is the server.
     acquire_ok(&mut c, "y", 30.0).await;
     health_becomes(&lockd, ServingStatus::Serving).await;
+}
+
+// ---- Redis that may evict lock keys ----
+
+/// A redis-server with extra arguments, on `port`, killed when dropped.
+struct CustomRedis {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl CustomRedis {
+    async fn start(port: u16, args: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "lockd-test-{}-custom-redis-{port}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        // Killed by `Drop` if it never answers.
+        let server = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not answer");
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for CustomRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs lockd over `redis_url` and expects it to exit by itself; returns its status and log.
+async fn lockd_exits(redis_url: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let log = std::env::temp_dir().join(format!(
+        "lockd-test-{}-exits-{}.log",
+        std::process::id(),
+        free_port()
+    ));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockd"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("LOCKD_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("REDIS_URL", redis_url);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start lockd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "lockd kept running; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        sleep(Duration::from_millis(20)).await;
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockd_refuses_to_start_over_a_redis_that_may_evict_lock_keys() {
+    let port = free_port();
+    let _redis = CustomRedis::start(port, &["--maxmemory-policy", "allkeys-lru"]).await;
+    let (status, log) = lockd_exits(&format!("redis://127.0.0.1:{port}"), &[]).await;
+    assert!(!status.success(), "{status:?}\n{log}");
+    assert!(log.contains("maxmemory-policy"), "{log}");
+    assert!(
+        log.contains("allkeys-lru") && log.contains("noeviction"),
+        "{log}"
+    );
+    assert!(log.contains("--allow-evicting-redis"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_evicting_redis_serves_over_a_redis_that_may_evict_lock_keys() {
+    let port = free_port();
+    let _redis = CustomRedis::start(port, &["--maxmemory-policy", "allkeys-lru"]).await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let lockd = Lockd::start_with(
+        None,
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("LOCKD_ALLOW_EVICTING_REDIS", "true"),
+        ],
+    )
+    .await;
+    health_becomes(&lockd, ServingStatus::Serving).await;
+    let mut c = lockd.client().await;
+    let lease = acquire_ok(&mut c, "job-1", 30.0).await;
+    assert!(release(&mut c, &lease).await.released);
+    assert!(
+        lockd.log_text().contains("allow-evicting-redis"),
+        "{}",
+        lockd.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicting_redis_found_after_start_is_refused_until_fixed() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    // Nothing listens yet: lockd starts anyway, and answers UNAVAILABLE.
+    let lockd = Lockd::start_with(None, &[("REDIS_URL", url.as_str())]).await;
+    let redis = CustomRedis::start(port, &["--maxmemory-policy", "volatile-lru"]).await;
+    let mut c = lockd.client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = c.acquire(acquire_req("job-1", 30.0)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        if status.message().contains("maxmemory-policy") {
+            assert!(status.message().contains("volatile-lru"), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never refused: {status:?}");
+        sleep(Duration::from_millis(100)).await;
+    }
+    health_becomes(&lockd, ServingStatus::NotServing).await;
+    // Still running, and it serves once the policy is fixed, without a restart.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory-policy", "noeviction"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    health_becomes(&lockd, ServingStatus::Serving).await;
+    let lease = acquire_ok(&mut c, "job-1", 30.0).await;
+    assert!(release(&mut c, &lease).await.released);
+    drop(redis);
 }

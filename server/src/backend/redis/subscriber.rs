@@ -277,10 +277,11 @@ impl Subscriber {
     }
 }
 
-/// Publishes one heartbeat through a shared connection. A failure shows as a missing heartbeat.
+/// Publishes one heartbeat through a shared connection (not refused while Redis may evict
+/// keys: the subscription is still worth keeping). A failure shows as a missing heartbeat.
 async fn publish_heartbeat(backend: Arc<RedisBackend>, channel: String) {
     let published = async {
-        let (i, mut conn) = backend.conn().await?;
+        let (i, mut conn) = backend.any_conn().await?;
         let r = redis::cmd("PUBLISH")
             .arg(&channel)
             .arg("")
