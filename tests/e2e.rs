@@ -18,6 +18,7 @@ mod lock_core;
 mod min_hold;
 mod operations;
 mod python;
+mod redis_safety;
 mod scheduler;
 mod semaphore;
 mod validation;

@@ -84,6 +84,12 @@ pub struct Config {
     /// stealing, and Redis commands from many requests go out in one write).
     #[arg(long, env = "LOCKD_WORKER_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1024))]
     pub worker_threads: u32,
+
+    /// Serve even when Redis's maxmemory-policy is not noeviction. RISK: when such a Redis
+    /// reaches maxmemory it may evict lock keys, which silently frees held locks (two clients
+    /// then both hold one). Without this flag lockd refuses to start against such a Redis.
+    #[arg(long, env = "LOCKD_ALLOW_EVICTING_REDIS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub allow_evicting_redis: bool,
 }
 
 /// How log lines are written to stderr.
@@ -123,6 +129,8 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Key prefix.
     pub key_prefix: String,
+    /// Serve even when Redis may evict lock keys (`--allow-evicting-redis`).
+    pub allow_evicting: bool,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -132,6 +140,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
             .field("key_prefix", &self.key_prefix)
+            .field("allow_evicting", &self.allow_evicting)
             .finish()
     }
 }
@@ -250,6 +259,7 @@ impl Config {
             pool_size: self.redis_pool_size as usize,
             timeout: self.redis_timeout,
             key_prefix: self.key_prefix.clone(),
+            allow_evicting: self.allow_evicting_redis,
         })
     }
 

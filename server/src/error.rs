@@ -46,9 +46,47 @@ impl From<Error> for Status {
 
 impl From<deadpool_redis::redis::RedisError> for Error {
     fn from(err: deadpool_redis::redis::RedisError) -> Self {
-        // Every Redis failure means "no answer we can trust": the client may retry the call.
-        // A script error would also land here; it never turns into a wrong answer.
-        Self::Unavailable(err.to_string())
+        if redis_is_transient(&err) {
+            Self::Unavailable(err.to_string())
+        } else {
+            Self::Internal(err.to_string())
+        }
+    }
+}
+
+/// Whether a Redis failure may go away by itself, so the client may retry the call: no answer
+/// (connection, timeout, I/O), or a server that cannot serve right now (loading, failing over,
+/// out of memory, a script running too long). Anything else is an answer Redis gave on purpose
+/// and will give again, such as a Lua runtime error or a WRONGTYPE inside a script (a foreign
+/// value under a lock key): retrying it as a network blip would only hide the bug.
+fn redis_is_transient(err: &deadpool_redis::redis::RedisError) -> bool {
+    use deadpool_redis::redis::{ErrorKind, ServerErrorKind};
+    match err.kind() {
+        ErrorKind::Io
+        | ErrorKind::AuthenticationFailed
+        | ErrorKind::ClusterConnectionNotFound
+        | ErrorKind::MasterNameNotFoundBySentinel
+        | ErrorKind::NoValidReplicasFoundBySentinel => true,
+        ErrorKind::Server(kind) => matches!(
+            kind,
+            ServerErrorKind::BusyLoading
+                // Still missing after redis-rs loaded the script and retried: Redis was flushed
+                // or replaced in between.
+                | ServerErrorKind::NoScript
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+        ),
+        // Codes redis-rs has no kind for. Inside a script, Redis passes on the code of the
+        // command that failed, so a script that hits OOM or READONLY is still transient.
+        ErrorKind::Extension => matches!(
+            err.code(),
+            Some("BUSY" | "OOM" | "MISCONF" | "NOREPLICAS" | "LOADING" | "NOAUTH")
+        ),
+        _ => err.is_timeout() || err.is_connection_dropped() || err.is_connection_refusal(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Health: a probe loop that pings the backend and keeps the standard `grpc.health.v1.Health`
-//! service in step, so load balancers see `NOT_SERVING` while Redis is down.
+//! service in step, so load balancers see `NOT_SERVING` while Redis is down (or cannot be used
+//! safely: see [`Backend::ping`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::backend::Backend;
+use crate::error::Error;
 
 /// How often the backend is pinged.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
@@ -31,17 +33,24 @@ pub async fn probe<B: Backend>(
 ) {
     let mut last = None;
     loop {
-        let ok = matches!(
-            tokio::time::timeout(PROBE_EVERY * 4, backend.ping()).await,
-            Ok(Ok(()))
-        );
+        let result = match tokio::time::timeout(PROBE_EVERY * 4, backend.ping()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Unavailable(format!(
+                "no answer to the health ping within {:?}",
+                PROBE_EVERY * 4
+            ))),
+        };
+        let ok = result.is_ok();
         if last != Some(ok) {
-            if ok {
-                tracing::info!(backend = backend.name(), "backend reachable: SERVING");
-                set(&reporter, ServingStatus::Serving).await;
-            } else {
-                tracing::warn!(backend = backend.name(), "backend unreachable: NOT_SERVING");
-                set(&reporter, ServingStatus::NotServing).await;
+            match result {
+                Ok(()) => {
+                    tracing::info!(backend = backend.name(), "backend reachable: SERVING");
+                    set(&reporter, ServingStatus::Serving).await;
+                }
+                Err(e) => {
+                    tracing::warn!(backend = backend.name(), error = %e, "backend unusable: NOT_SERVING");
+                    set(&reporter, ServingStatus::NotServing).await;
+                }
             }
             last = Some(ok);
         }

@@ -89,6 +89,9 @@ pub async fn serve(
                 hub.events.clone(),
                 hub.shutdown.clone(),
             )?;
+            // Refuses a Redis that may evict lock keys (unless allowed); one that is not
+            // reachable yet is checked on its first connection instead.
+            backend.check_safe().await?;
             serve_backend(backend, hub, config, listener, signal).await
         }
     }

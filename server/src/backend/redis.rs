@@ -17,7 +17,8 @@ mod reply;
 mod scripts;
 mod subscriber;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -56,6 +57,42 @@ pub struct RedisBackend {
     released_channel: String,
     /// `<prefix>:events`: every script that changes a lock publishes its event here.
     events_channel: String,
+    /// Why the wake-up subscription is down, or `None` while it works. While it is down,
+    /// blocking acquires are only woken by TTLs, so health reports `NOT_SERVING`.
+    wakeups_down: Mutex<Option<String>>,
+    /// Serve even when Redis may evict lock keys (`--allow-evicting-redis`).
+    allow_evicting: bool,
+    /// What the last check of Redis's `maxmemory-policy` found (see [`Policy`]).
+    policy: Mutex<Policy>,
+    /// Set while `policy` is [`Policy::Refused`]: lock calls then fail at once. An atomic, since
+    /// every call reads it.
+    refusing: AtomicBool,
+}
+
+/// What lockd knows of Redis's `maxmemory-policy`. Any policy but `noeviction` lets Redis evict
+/// a lock key when it runs out of memory, which silently frees the lock for anyone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Policy {
+    /// Not checked yet: Redis was not reachable.
+    Unknown,
+    /// `noeviction`.
+    Safe,
+    /// An evicting policy, accepted with `--allow-evicting-redis`.
+    Allowed(String),
+    /// An evicting policy: lock calls are refused with this message.
+    Refused(String),
+    /// Redis refused `CONFIG GET` (as managed services do), with this error.
+    Unverified(String),
+}
+
+/// The explanation of a refused `maxmemory-policy`, naming the fix.
+fn eviction_refusal(policy: &str) -> String {
+    format!(
+        "Redis maxmemory-policy is `{policy}`: when Redis reaches maxmemory it may evict lock \
+         keys, and an evicted lock is silently free for anyone to take. Set maxmemory-policy to \
+         noeviction (CONFIG SET maxmemory-policy noeviction, and in redis.conf), or start lockd \
+         with --allow-evicting-redis (LOCKD_ALLOW_EVICTING_REDIS=true) to accept that risk"
+    )
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -131,13 +168,12 @@ impl RedisBackend {
             prefix: config.key_prefix.clone(),
             released_channel: format!("{}:released", config.key_prefix),
             events_channel: format!("{}:events", config.key_prefix),
+            wakeups_down: Mutex::new(Some("not subscribed yet".to_owned())),
+            allow_evicting: config.allow_evicting,
+            policy: Mutex::new(Policy::Unknown),
+            refusing: AtomicBool::new(false),
         });
-        let subscriber = Subscriber {
-            backend: backend.clone(),
-            client,
-            waiters,
-            events,
-        };
+        let subscriber = Subscriber::new(backend.clone(), client, waiters, events, config.timeout);
         tokio::spawn(subscriber.run(shutdown));
         Ok(backend)
     }
@@ -152,8 +188,93 @@ impl RedisBackend {
         rest.strip_suffix('}').map(str::to_owned)
     }
 
-    /// One of the shared connections, connecting it first if needed.
+    /// Checks, at start, that Redis will not evict lock keys: its `maxmemory-policy` must be
+    /// `noeviction`, unless `--allow-evicting-redis` accepts the risk. A Redis that cannot be
+    /// reached yet is checked on the first connection instead, and lock calls are refused
+    /// (`UNAVAILABLE`, health `NOT_SERVING`) if its policy turns out unsafe then. A Redis that
+    /// refuses `CONFIG` cannot be checked: that is logged, and lockd serves.
+    ///
+    /// # Errors
+    /// [`Error::FailedPrecondition`], naming the setting and the fix, when the policy evicts.
+    pub async fn check_safe(&self) -> Result<()> {
+        match self.any_conn().await {
+            Ok(_) => match &*self.policy.lock().unwrap_or_else(PoisonError::into_inner) {
+                Policy::Refused(why) => Err(Error::FailedPrecondition(why.clone())),
+                _ => Ok(()),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "Redis is not reachable at start; its maxmemory-policy \
+                    will be checked on the first connection");
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads `maxmemory-policy` on `conn` and records the verdict. Fails only when the
+    /// connection does.
+    async fn check_policy(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+        let reply: Result<HashMap<String, String>, RedisError> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(conn)
+            .await;
+        let verdict = match reply {
+            Err(e) if is_connection_failure(&e) => return Err(e),
+            Err(e) => Policy::Unverified(e.to_string()),
+            Ok(config) => match config.get("maxmemory-policy") {
+                Some(p) if p == "noeviction" => Policy::Safe,
+                Some(p) if self.allow_evicting => Policy::Allowed(p.clone()),
+                Some(p) => Policy::Refused(eviction_refusal(p)),
+                None => Policy::Unverified("CONFIG GET maxmemory-policy answered nothing".into()),
+            },
+        };
+        let mut policy = self.policy.lock().unwrap_or_else(PoisonError::into_inner);
+        if *policy == verdict {
+            return Ok(());
+        }
+        match &verdict {
+            Policy::Unknown => {}
+            Policy::Safe => tracing::info!("Redis maxmemory-policy is noeviction"),
+            Policy::Allowed(p) => tracing::warn!(
+                policy = %p,
+                "Redis may evict lock keys (maxmemory-policy is not noeviction), which silently \
+                 frees locks; serving anyway, as --allow-evicting-redis asks"
+            ),
+            Policy::Refused(why) => tracing::error!("refusing lock calls: {why}"),
+            Policy::Unverified(e) => tracing::warn!(
+                error = %e,
+                "cannot read Redis maxmemory-policy; make sure it is noeviction, or Redis may \
+                 evict lock keys and silently free locks"
+            ),
+        }
+        self.refusing
+            .store(matches!(verdict, Policy::Refused(_)), Ordering::Relaxed);
+        *policy = verdict;
+        Ok(())
+    }
+
+    /// The error for lock calls while Redis may evict lock keys.
+    fn refusal(&self) -> Error {
+        match &*self.policy.lock().unwrap_or_else(PoisonError::into_inner) {
+            Policy::Refused(why) => Error::Unavailable(why.clone()),
+            // Only reached in a race with a check that found the policy fixed.
+            _ => Error::Unavailable("Redis maxmemory-policy is being checked".into()),
+        }
+    }
+
+    /// One of the shared connections, connecting it first if needed; refused while Redis may
+    /// evict lock keys.
     async fn conn(&self) -> Result<(usize, MultiplexedConnection)> {
+        let conn = self.any_conn().await?;
+        if self.refusing.load(Ordering::Relaxed) {
+            return Err(self.refusal());
+        }
+        Ok(conn)
+    }
+
+    /// One of the shared connections, connecting it first if needed. Each new connection
+    /// checks Redis's `maxmemory-policy` first, since Redis may have been replaced.
+    async fn any_conn(&self) -> Result<(usize, MultiplexedConnection)> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let slot = &self.conns[i];
         if let Some(c) = slot.lock().unwrap_or_else(PoisonError::into_inner).clone() {
@@ -165,7 +286,8 @@ impl RedisBackend {
             return Ok((i, c));
         }
         // Boxed: connecting is rare, and its future would otherwise enlarge every call's.
-        let c = deadpool_redis::Connection::take(Box::pin(self.pool.get()).await?);
+        let mut c = deadpool_redis::Connection::take(Box::pin(self.pool.get()).await?);
+        Box::pin(self.check_policy(&mut c)).await?;
         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(c.clone());
         Ok((i, c))
     }
@@ -368,11 +490,31 @@ impl Backend for RedisBackend {
         self.run(&inv).await.map(drop)
     }
 
+    /// Fails while Redis does not answer, while its `maxmemory-policy` may evict lock keys,
+    /// and while the wake-up subscription is down.
     async fn ping(&self) -> Result<()> {
-        let mut ping = redis::pipe();
-        ping.cmd("PING");
-        let _: (String,) = self.query(&ping).await?;
-        Ok(())
+        let (i, mut conn) = self.any_conn().await?;
+        if self.refusing.load(Ordering::Relaxed) {
+            // Look again, so a Redis whose policy was fixed is served without a restart.
+            let checked = self.check_policy(&mut conn).await;
+            self.forget_on_failure(i, checked)?;
+            if self.refusing.load(Ordering::Relaxed) {
+                return Err(self.refusal());
+            }
+        }
+        let pong = redis::cmd("PING").query_async::<String>(&mut conn).await;
+        self.forget_on_failure(i, pong)?;
+        let down = self
+            .wakeups_down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match down {
+            Some(cause) => Err(Error::Unavailable(format!(
+                "wake-up subscription down: {cause}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn name(&self) -> &'static str {
@@ -393,6 +535,7 @@ mod tests {
             pool_size,
             timeout: Duration::from_secs(1),
             key_prefix: "lockd".into(),
+            allow_evicting: false,
         };
         let shutdown = CancellationToken::new();
         let backend =

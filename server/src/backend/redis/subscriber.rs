@@ -1,12 +1,13 @@
 //! The one pub/sub subscription of a lockd process: wake-ups for waiters, always; lock events
 //! and expirations for `Watch`, while anyone watches.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use deadpool_redis::redis::aio::PubSubSink;
+use deadpool_redis::redis::aio::{PubSubSink, PubSubStream};
 use deadpool_redis::redis::{self, RedisError};
 use futures_util::StreamExt as _;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::RedisBackend;
@@ -37,62 +38,110 @@ pub(super) fn parse_event(payload: &str) -> Option<LockEvent> {
     })
 }
 
+/// How often the subscriber publishes a heartbeat to itself, through a normal connection.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// A subscription that delivers nothing, not even its own heartbeats, for this long is dead:
+/// half-open after a network partition, or silenced some other way. It is replaced.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The one subscription of this process: wake-ups always, events while anyone watches.
 pub(super) struct Subscriber {
-    pub(super) backend: Arc<RedisBackend>,
-    pub(super) client: redis::Client,
-    pub(super) waiters: Arc<Waiters>,
-    pub(super) events: Arc<Events>,
+    backend: Arc<RedisBackend>,
+    client: redis::Client,
+    waiters: Arc<Waiters>,
+    events: Arc<Events>,
+    /// Time limit for connecting and for each subscription command.
+    timeout: Duration,
+    /// `<prefix>:heartbeat:<uuid>`, this process's own: proof that messages still arrive.
+    heartbeat_channel: String,
+}
+
+/// Why the subscription ended or could not be made.
+type Cause = String;
+
+/// What the subscriber last logged, so that each change is logged once, not every retry.
+#[derive(PartialEq, Eq)]
+enum Logged {
+    Nothing,
+    Up,
+    Down(Cause),
 }
 
 impl Subscriber {
-    /// Subscribes, reconnecting with backoff. After a reconnect every queue head retries, since
-    /// releases may have been missed meanwhile.
+    pub(super) fn new(
+        backend: Arc<RedisBackend>,
+        client: redis::Client,
+        waiters: Arc<Waiters>,
+        events: Arc<Events>,
+        timeout: Duration,
+    ) -> Self {
+        let heartbeat_channel = format!("{}:heartbeat:{}", backend.prefix, uuid::Uuid::new_v4());
+        Self {
+            backend,
+            client,
+            waiters,
+            events,
+            timeout,
+            heartbeat_channel,
+        }
+    }
+
+    /// Subscribes, reconnecting with backoff, until `shutdown`. While the subscription is down,
+    /// [`RedisBackend::ping`] fails with the cause (health is `NOT_SERVING`), and each new cause
+    /// is logged once. After every subscription every queue head tries again, since releases
+    /// may have been missed meanwhile.
     pub(super) async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(50);
-        let mut connected_before = false;
+        let mut logged = Logged::Nothing;
         let mut watchers = self.events.watchers();
         loop {
             let attempt = async {
                 let pubsub = self.client.get_async_pubsub().await?;
                 let (mut sink, stream) = pubsub.split();
-                sink.subscribe(&self.backend.released_channel).await?;
+                sink.subscribe(&[
+                    self.backend.released_channel.as_str(),
+                    self.heartbeat_channel.as_str(),
+                ])
+                .await?;
                 Ok::<_, RedisError>((sink, stream))
             };
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = attempt => r,
+                r = tokio::time::timeout(self.timeout, attempt) => r,
             };
-            match connected {
-                Ok((mut sink, mut stream)) => {
+            let cause = match connected {
+                Ok(Ok((sink, stream))) => {
                     backoff = Duration::from_millis(50);
-                    if connected_before {
+                    self.set_down(None);
+                    if matches!(logged, Logged::Down(_)) {
                         tracing::info!("wake-up subscription restored");
-                        self.waiters.released_all();
+                    } else {
+                        tracing::debug!("wake-up subscription up");
                     }
-                    connected_before = true;
-                    let mut watching = false;
-                    loop {
-                        let want = *watchers.borrow_and_update() > 0;
-                        if want != watching {
-                            if let Err(e) = self.watch_events(&mut sink, want).await {
-                                tracing::warn!(error = %e, "cannot (un)subscribe lock events");
-                                break;
-                            }
-                            watching = want;
-                        }
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = watchers.changed() => {}
-                            msg = stream.next() => match msg {
-                                Some(msg) => self.handle(&msg),
-                                None => break,
-                            },
-                        }
+                    logged = Logged::Up;
+                    self.waiters.released_all();
+                    match self.listen(sink, stream, &mut watchers, &shutdown).await {
+                        Some(cause) => cause,
+                        None => return,
                     }
-                    tracing::warn!("wake-up subscription lost; reconnecting");
                 }
-                Err(e) => tracing::debug!(error = %e, "wake-up subscription failed; retrying"),
+                Ok(Err(e)) => format!("cannot subscribe: {e}"),
+                Err(_) => format!("cannot subscribe: no answer within {:?}", self.timeout),
+            };
+            self.set_down(Some(cause.clone()));
+            let down = Logged::Down(cause);
+            if logged == down {
+                tracing::debug!("wake-up subscription still down; retrying");
+            } else {
+                if let Logged::Down(cause) = &down {
+                    tracing::warn!(
+                        cause = %cause,
+                        "wake-up subscription down: blocking acquires are only woken by TTLs, \
+                         and health is NOT_SERVING until it is back; retrying"
+                    );
+                }
+                logged = down;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -100,6 +149,69 @@ impl Subscriber {
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// Handles messages until the subscription fails, which returns why, or `shutdown`, which
+    /// returns `None`.
+    async fn listen(
+        &self,
+        mut sink: PubSubSink,
+        mut stream: PubSubStream,
+        watchers: &mut tokio::sync::watch::Receiver<usize>,
+        shutdown: &CancellationToken,
+    ) -> Option<Cause> {
+        let mut watching = false;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = Instant::now();
+        loop {
+            let want = *watchers.borrow_and_update() > 0;
+            if want != watching {
+                match tokio::time::timeout(self.timeout, self.watch_events(&mut sink, want)).await {
+                    Ok(Ok(())) => watching = want,
+                    Ok(Err(e)) => return Some(format!("cannot (un)subscribe lock events: {e}")),
+                    Err(_) => {
+                        return Some(format!(
+                            "no answer to (un)subscribing lock events within {:?}",
+                            self.timeout
+                        ));
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = watchers.changed() => {}
+                _ = heartbeat.tick() => {
+                    let silent = heard.elapsed();
+                    if silent >= HEARTBEAT_TIMEOUT {
+                        return Some(format!(
+                            "no message for {silent:?}, not even this process's heartbeats: the \
+                             connection is half-open or silenced"
+                        ));
+                    }
+                    tokio::spawn(publish_heartbeat(
+                        self.backend.clone(),
+                        self.heartbeat_channel.clone(),
+                    ));
+                }
+                msg = stream.next() => match msg {
+                    Some(msg) => {
+                        heard = Instant::now();
+                        self.handle(&msg);
+                    }
+                    None => return Some("connection closed".to_owned()),
+                },
+            }
+        }
+    }
+
+    /// Records the subscription's state for [`RedisBackend::ping`].
+    fn set_down(&self, cause: Option<Cause>) {
+        *self
+            .backend
+            .wakeups_down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = cause;
     }
 
     /// Starts or stops listening for lock events and expirations.
@@ -153,6 +265,8 @@ impl Subscriber {
                     resource,
                 ));
             }
+        } else if msg.get_channel_name() == self.heartbeat_channel {
+            // Only proof of life, already noted.
         } else if msg.get_channel_name() == self.backend.released_channel {
             let (resource, next) = payload.split_once('\n').unwrap_or((&payload, ""));
             self.waiters
@@ -160,6 +274,23 @@ impl Subscriber {
         } else if let Some(event) = parse_event(&payload) {
             self.events.publish(event);
         }
+    }
+}
+
+/// Publishes one heartbeat through a shared connection (not refused while Redis may evict
+/// keys: the subscription is still worth keeping). A failure shows as a missing heartbeat.
+async fn publish_heartbeat(backend: Arc<RedisBackend>, channel: String) {
+    let published = async {
+        let (i, mut conn) = backend.any_conn().await?;
+        let r = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg("")
+            .query_async::<i64>(&mut conn)
+            .await;
+        backend.forget_on_failure(i, r)
+    };
+    if let Err(e) = published.await {
+        tracing::debug!(error = %e, "cannot publish the wake-up subscription's heartbeat");
     }
 }
 
