@@ -122,6 +122,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
             keep_until: req.keep_until,
             min_hold: req.min_hold,
             max_ttl: self.limits.max_ttl,
+            only_if_renewer: None,
         };
         // Backends no longer hand the lock to a waiter: a release wakes the next one instead.
         let outcome = self.backend.release(&params).await?;
@@ -149,6 +150,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
             ttl: req.ttl,
             replace_ttl: req.replace_ttl,
             max_ttl: self.limits.max_ttl,
+            renewer: None,
         };
         let outcome = self.backend.extend(&params).await?;
         info!(resource = %params.resource, outcome = status_name(outcome.status), "extend");

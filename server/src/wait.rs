@@ -184,6 +184,7 @@ pub async fn release_orphans<B: Backend>(
                 keep_until: None,
                 min_hold: Duration::ZERO,
                 max_ttl,
+                only_if_renewer: None,
             };
             if let Err(e) = backend.release(&params).await {
                 tracing::warn!(resource = %lease.resource, error = %e, "cannot release a lease handed to a waiter that left; it ends at its TTL");

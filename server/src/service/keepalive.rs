@@ -125,6 +125,7 @@ impl<B: Backend> Session<B> {
                 ttl: lease.ttl,
                 replace_ttl: true,
                 max_ttl: self.limits.max_ttl,
+                renewer: None,
             };
             let started = Instant::now();
             let backend = self.backend.clone();
@@ -188,6 +189,7 @@ impl<B: Backend> Session<B> {
             keep_until: None,
             min_hold: std::time::Duration::ZERO,
             max_ttl: self.limits.max_ttl,
+            only_if_renewer: None,
         }
     }
 
