@@ -115,8 +115,9 @@ crate::conformance! {
         let r = tokio::time::timeout(Duration::from_secs(5), wait).await.unwrap().unwrap();
         assert!(r.acquired);
         let new_lease = r.lease.unwrap();
-        // Nobody else got the lock in between: the departed waiters did not acquire.
-        assert_eq!(new_lease.fencing_token, lease.fencing_token + 1);
+        // Fencing tokens follow the clock now (no longer +1 per grant), so this only checks
+        // that the token grew.
+        assert!(new_lease.fencing_token > lease.fencing_token);
         if let Some(redis) = &s.redis {
             assert_eq!(redis.keys().await, vec!["lockd:{job-1}", "lockd:{job-1}:fence"]);
         }

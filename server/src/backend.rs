@@ -35,8 +35,9 @@ pub struct ExtendParams {
     pub replace_ttl: bool,
     /// The remaining time is capped here.
     pub max_ttl: Duration,
-    /// Who renews: a KeepAlive stream's id, recorded on the lease; `None` (a plain Extend)
-    /// clears the record.
+    /// The KeepAlive stream renewing the lease (its id), recorded on the lease so that a
+    /// release when that stream closes cannot undo a later renewal through another stream (see
+    /// [`ReleaseParams::only_if_renewer`]). `None` for a plain Extend RPC, which clears it.
     pub renewer: Option<String>,
 }
 
@@ -113,4 +114,140 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A short name for logs: "memory" or "redis".
     fn name(&self) -> &'static str;
+}
+
+/// Behaviour checks that the unit tests of every backend run against it.
+#[cfg(test)]
+pub(crate) mod checks {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::lock::{Lease, LeaseStatus};
+
+    /// A 30 s acquire of `resource` by `token`, with `limit` slots.
+    pub(crate) fn acquire_params(resource: &str, token: &str, limit: u32) -> AcquireParams {
+        AcquireParams {
+            resource: resource.into(),
+            token: Token::new(token.into()),
+            owner: format!("owner-{token}"),
+            ttl: Duration::from_secs(30),
+            labels: BTreeMap::new(),
+            limit,
+            fair: None,
+            waiting: false,
+            new_token: false,
+        }
+    }
+
+    /// A 30 s extension (replacing the remaining time), through `renewer` if given.
+    pub(crate) fn extend_params(
+        resource: &str,
+        token: &str,
+        renewer: Option<&str>,
+    ) -> ExtendParams {
+        ExtendParams {
+            resource: resource.into(),
+            token: Token::new(token.into()),
+            ttl: Duration::from_secs(30),
+            replace_ttl: true,
+            max_ttl: Duration::from_secs(3600),
+            renewer: renewer.map(str::to_owned),
+        }
+    }
+
+    /// An immediate release, only by `renewer`'s stream if given.
+    pub(crate) fn release_params(
+        resource: &str,
+        token: &str,
+        renewer: Option<&str>,
+    ) -> ReleaseParams {
+        ReleaseParams {
+            resource: resource.into(),
+            token: Token::new(token.into()),
+            keep_until: None,
+            min_hold: Duration::ZERO,
+            max_ttl: Duration::from_secs(3600),
+            only_if_renewer: renewer.map(str::to_owned),
+        }
+    }
+
+    async fn granted<B: Backend>(b: &B, p: &AcquireParams) -> Lease {
+        match b.acquire(p).await.unwrap() {
+            AcquireOutcome::Acquired(lease) => lease,
+            AcquireOutcome::Busy(busy) => panic!("{} not granted: {busy:?}", p.resource),
+        }
+    }
+
+    async fn busy<B: Backend>(b: &B, p: &AcquireParams) -> crate::lock::Busy {
+        match b.acquire(p).await.unwrap() {
+            AcquireOutcome::Busy(busy) => busy,
+            AcquireOutcome::Acquired(_) => panic!("{} granted", p.resource),
+        }
+    }
+
+    async fn release_status<B: Backend>(b: &B, p: &ReleaseParams) -> LeaseStatus {
+        b.release(p).await.unwrap().status
+    }
+
+    /// A release on KeepAlive close (`only_if_renewer`) changes nothing when the lease was
+    /// renewed since through another stream, a plain Extend, or an idempotent re-acquire.
+    pub(crate) async fn release_on_close_spares_a_renewal_made_elsewhere<B: Backend>(
+        b: &B,
+        limit: u32,
+    ) {
+        let r = format!("renewed-{limit}");
+        let acquire = acquire_params(&r, "T", limit);
+        granted(b, &acquire).await;
+        b.extend(&extend_params(&r, "T", Some("s1"))).await.unwrap();
+        b.extend(&extend_params(&r, "T", Some("s2"))).await.unwrap();
+        // Stream s1 closes: s2 renewed the lease since, so it stays.
+        let close_s1 = release_params(&r, "T", Some("s1"));
+        assert_eq!(release_status(b, &close_s1).await, LeaseStatus::HeldByOther);
+        assert!(b.inspect(&r).await.unwrap().is_some());
+        // A plain Extend clears the renewer.
+        b.extend(&extend_params(&r, "T", None)).await.unwrap();
+        let close_s2 = release_params(&r, "T", Some("s2"));
+        assert_eq!(release_status(b, &close_s2).await, LeaseStatus::HeldByOther);
+        // So does an idempotent re-acquire.
+        b.extend(&extend_params(&r, "T", Some("s2"))).await.unwrap();
+        granted(b, &acquire).await;
+        assert_eq!(release_status(b, &close_s2).await, LeaseStatus::HeldByOther);
+        assert!(b.inspect(&r).await.unwrap().is_some());
+        // The stream that renewed it last releases it.
+        b.extend(&extend_params(&r, "T", Some("s2"))).await.unwrap();
+        assert_eq!(release_status(b, &close_s2).await, LeaseStatus::Ok);
+        assert!(b.inspect(&r).await.unwrap().is_none());
+        // A plain release ignores renewers.
+        granted(b, &acquire).await;
+        b.extend(&extend_params(&r, "T", Some("s1"))).await.unwrap();
+        let plain = release_params(&r, "T", None);
+        assert_eq!(release_status(b, &plain).await, LeaseStatus::Ok);
+    }
+
+    /// A free slot refused only because a fair waiter is first in line reports, as its
+    /// `retry_in`, when that waiter's queue entry goes stale.
+    pub(crate) async fn a_fair_queue_head_in_the_way_reports_when_it_goes_stale<B: Backend>(
+        b: &B,
+        limit: u32,
+    ) {
+        let r = format!("queued-{limit}");
+        for i in 0..limit {
+            granted(b, &acquire_params(&r, &format!("H{i}"), limit)).await;
+        }
+        let mut fair = acquire_params(&r, "W", limit);
+        fair.fair = Some("waiter-1".into());
+        busy(b, &fair).await;
+        assert_eq!(
+            release_status(b, &release_params(&r, "H0", None)).await,
+            LeaseStatus::Ok
+        );
+        let refused = busy(b, &acquire_params(&r, "X", limit)).await;
+        let retry = refused.retry_in.expect("retry_in");
+        assert!(
+            retry <= FAIR_ENTRY_TTL && retry > FAIR_ENTRY_TTL - Duration::from_secs(2),
+            "retry in {retry:?}"
+        );
+        // The head itself is granted.
+        granted(b, &fair).await;
+    }
 }

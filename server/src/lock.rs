@@ -72,8 +72,11 @@ pub struct ReleaseParams {
     pub min_hold: Duration,
     /// A minimum hold never lasts longer than this from now.
     pub max_ttl: Duration,
-    /// Release only if the lease's last renewal was made by this renewer (a KeepAlive stream
-    /// releasing on close); otherwise nothing changes and the status is `HeldByOther`.
+    /// Release only if the lease was last renewed by this KeepAlive stream (see
+    /// `ExtendParams::renewer`): a stream that closes releases what it kept alive, but not a
+    /// lease that another stream, a plain Extend or an idempotent re-acquire renewed since.
+    /// When that check fails nothing changes and the status is [`LeaseStatus::HeldByOther`].
+    /// `None` releases regardless of renewers.
     pub only_if_renewer: Option<String>,
 }
 
@@ -92,9 +95,9 @@ pub struct Busy {
     /// The first holder (lowest fencing token). `None` when the lock is free but fair waiters
     /// that arrived earlier are queued for it.
     pub holder: Option<LockInfo>,
-    /// How many holders the resource has.
-    pub holders: u32,
-    /// How long until the first lease ends (a free slot may appear then), when known.
+    /// When a retry may succeed, when known: the first lease ends (a free slot may appear
+    /// then), or, when a slot is free but a fair waiter is first in line, that waiter's queue
+    /// entry goes stale unless refreshed.
     pub retry_in: Option<Duration>,
 }
 
@@ -187,7 +190,8 @@ pub enum LeaseStatus {
     Ok,
     /// Nobody holds the lock (never taken, released, or expired). Nothing changed.
     NotHeld,
-    /// Another token holds the lock. Nothing changed.
+    /// Another token holds the lock; or, for a release with
+    /// [`ReleaseParams::only_if_renewer`], another renewer renewed it last. Nothing changed.
     HeldByOther,
 }
 

@@ -1,10 +1,11 @@
 //! The embedded backend: locks kept in this process's memory, with the same semantics as Redis.
 //!
-//! Used when no Redis is configured. Locks are then local to this one lockd process, and
-//! fencing counters restart from zero when it restarts.
+//! Used when no Redis is configured. Locks are then local to this one lockd process. Fencing
+//! tokens are `max(last token + 1, wall clock in µs)`, like Redis's: one high-water mark for the
+//! whole process keeps them growing within it whatever the clock does, and the clock keeps them
+//! growing across restarts, provided it never steps back by more than a restart takes.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,12 +34,15 @@ pub struct MemoryBackend {
 struct State {
     /// Held resources, sorted so that listing can page by name.
     locks: BTreeMap<String, Entry>,
-    /// Last fencing token per resource; kept forever, like the Redis `:fence` key.
-    fences: HashMap<String, u64>,
+    /// The last fencing token given, for any resource.
+    last_fence: u64,
     /// Fair waiters per resource in arrival order, with the instant their entry goes stale.
     queues: HashMap<String, VecDeque<(String, Instant)>>,
-    /// When leases end, so the sweeper can report expirations on time.
-    expiries: BinaryHeap<Reverse<(Instant, String)>>,
+    /// When each held resource's first lease ends, so the sweeper can report expirations on
+    /// time: one entry per held resource, moved (not added) when a lease is renewed.
+    expiries: BTreeSet<(Instant, String)>,
+    /// The instant each resource is filed under in `expiries`.
+    due: HashMap<String, Instant>,
 }
 
 #[derive(Debug)]
@@ -58,12 +62,15 @@ struct Holder {
     labels: BTreeMap<String, String>,
     /// Released with a minimum hold: it only waits out its TTL.
     lingering: bool,
+    /// The KeepAlive stream that renewed the lease last; `None` after a plain Extend or an
+    /// idempotent re-acquire. See [`ReleaseParams::only_if_renewer`].
+    renewer: Option<String>,
 }
 
-fn unix_now() -> UnixMillis {
+fn since_epoch() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
 }
 
 fn millis(d: Duration) -> i64 {
@@ -75,13 +82,17 @@ fn millis(d: Duration) -> i64 {
 struct Now {
     instant: Instant,
     unix: UnixMillis,
+    /// The wall clock in microseconds since the epoch, for fencing tokens.
+    unix_us: u64,
 }
 
 impl Now {
     fn get() -> Self {
+        let epoch = since_epoch();
         Self {
             instant: Instant::now(),
-            unix: unix_now(),
+            unix: millis(epoch),
+            unix_us: u64::try_from(epoch.as_micros()).unwrap_or(u64::MAX),
         }
     }
 
@@ -137,10 +148,39 @@ impl State {
         if entry.holders.is_empty() {
             self.locks.remove(resource);
         }
+        self.reschedule(resource);
     }
 
-    /// The live head of the fair queue, dropping stale entries.
-    fn queue_head(&mut self, resource: &str, now: Now) -> Option<&str> {
+    /// Files `resource` in `expiries` under its first lease's end, replacing its old entry, or
+    /// removes it when the resource is free. Called after every change to its holders.
+    fn reschedule(&mut self, resource: &str) {
+        let due = self
+            .locks
+            .get(resource)
+            .and_then(|e| e.holders.iter().map(|h| h.expires).min());
+        let old = match due {
+            Some(at) => self.due.insert(resource.to_owned(), at),
+            None => self.due.remove(resource),
+        };
+        if old == due {
+            return;
+        }
+        if let Some(at) = old {
+            self.expiries.remove(&(at, resource.to_owned()));
+        }
+        if let Some(at) = due {
+            self.expiries.insert((at, resource.to_owned()));
+        }
+    }
+
+    /// The next fencing token: above every token given before, and at least the wall clock in µs.
+    fn next_fence(&mut self, now: Now) -> u64 {
+        self.last_fence = self.last_fence.saturating_add(1).max(now.unix_us);
+        self.last_fence
+    }
+
+    /// The live head of the fair queue and when it goes stale, dropping stale entries.
+    fn queue_head(&mut self, resource: &str, now: Now) -> Option<(&str, Instant)> {
         let queue = self.queues.get_mut(resource)?;
         while queue.front().is_some_and(|(_, live)| *live <= now.instant) {
             queue.pop_front();
@@ -152,14 +192,20 @@ impl State {
         self.queues
             .get(resource)?
             .front()
-            .map(|(id, _)| id.as_str())
+            .map(|(id, live)| (id.as_str(), *live))
     }
 
-    /// May `fair` (or a non-fair caller, `None`) take a free slot, given the fair queue?
-    fn queue_allows(&mut self, resource: &str, fair: Option<&str>, now: Now) -> bool {
+    /// May `fair` (or a non-fair caller, `None`) take a free slot, given the fair queue? If
+    /// not, `Err` carries when the head that blocks it goes stale.
+    fn queue_allows(
+        &mut self,
+        resource: &str,
+        fair: Option<&str>,
+        now: Now,
+    ) -> std::result::Result<(), Instant> {
         match self.queue_head(resource, now) {
-            None => true,
-            Some(head) => Some(head) == fair,
+            Some((head, stale)) if Some(head) != fair => Err(stale),
+            _ => Ok(()),
         }
     }
 
@@ -183,17 +229,78 @@ impl State {
             }
         }
     }
+
+    /// One acquire attempt, with expired holders already pruned.
+    fn acquire(&mut self, p: &AcquireParams, now: Now, events: &Events) -> Result<AcquireOutcome> {
+        let mut free = true;
+        if let Some(entry) = self.locks.get_mut(&p.resource) {
+            if entry.limit != p.limit {
+                return Err(mismatch(&p.resource, entry.limit, p.limit));
+            }
+            match entry.holders.iter_mut().find(|h| h.token == p.token) {
+                Some(h) if !h.lingering => {
+                    h.renewer = None;
+                    let lease = renew(h, &p.resource, p.ttl, now, events);
+                    self.leave_queue(&p.resource, p.fair.as_deref());
+                    return Ok(AcquireOutcome::Acquired(lease));
+                }
+                // Released with a minimum hold: not granted again to its own token, as for a
+                // mutex (and never a second slot for one token).
+                Some(_) => free = false,
+                None => free = entry.holders.len() < p.limit as usize,
+            }
+        }
+        let allowed = self.queue_allows(&p.resource, p.fair.as_deref(), now);
+        if free && allowed.is_ok() {
+            self.leave_queue(&p.resource, p.fair.as_deref());
+            let holder = Holder {
+                token: p.token.clone(),
+                owner: p.owner.clone(),
+                fencing_token: self.next_fence(now),
+                acquired_at: now.unix,
+                expires: now.instant + p.ttl,
+                labels: p.labels.clone(),
+                lingering: false,
+                renewer: None,
+            };
+            let lease = holder.lease(&p.resource, p.ttl, now);
+            events.publish(LockEvent {
+                kind: EventKind::Acquired,
+                resource: p.resource.clone(),
+                owner: p.owner.clone(),
+                fencing_token: holder.fencing_token,
+                time: now.unix,
+                expires_at: Some(lease.expires_at),
+            });
+            self.locks
+                .entry(p.resource.clone())
+                .or_insert_with(|| Entry {
+                    limit: p.limit,
+                    holders: Vec::new(),
+                })
+                .holders
+                .push(holder);
+            return Ok(AcquireOutcome::Acquired(lease));
+        }
+        self.enqueue(&p.resource, p.fair.as_deref(), now);
+        let entry = self.locks.get(&p.resource);
+        let first = entry.and_then(|e| e.holders.iter().min_by_key(|h| h.fencing_token));
+        // A slot is free and only the fair queue's head stands in the way: retry when it goes
+        // stale. Otherwise, when the first lease ends.
+        let retry_at = match allowed {
+            Err(stale) if free => Some(stale),
+            _ => entry.and_then(|e| e.holders.iter().map(|h| h.expires).min()),
+        };
+        Ok(AcquireOutcome::Busy(Busy {
+            holder: first.map(|h| h.info(&p.resource, now)),
+            retry_in: retry_at.map(|at| at.saturating_duration_since(now.instant)),
+        }))
+    }
 }
 
-/// Gives `h` a new TTL from now, reporting the extension; returns the renewed lease.
-fn renew(
-    h: &mut Holder,
-    resource: &str,
-    ttl: Duration,
-    now: Now,
-    events: &Events,
-    expiries: &mut BinaryHeap<Reverse<(Instant, String)>>,
-) -> Lease {
+/// Gives `h` a new TTL from now, reporting the extension; returns the renewed lease. The
+/// caller reschedules the resource's expiry.
+fn renew(h: &mut Holder, resource: &str, ttl: Duration, now: Now, events: &Events) -> Lease {
     h.expires = now.instant + ttl;
     let lease = h.lease(resource, ttl, now);
     events.publish(LockEvent {
@@ -204,7 +311,6 @@ fn renew(
         time: now.unix,
         expires_at: Some(lease.expires_at),
     });
-    expiries.push(Reverse((h.expires, resource.to_owned())));
     lease
 }
 
@@ -233,11 +339,14 @@ impl MemoryBackend {
             }
             let now = Now::get();
             let mut state = self.state();
-            while let Some(Reverse((at, _))) = state.expiries.peek() {
-                if *at > now.instant {
-                    break;
-                }
-                if let Some(Reverse((_, resource))) = state.expiries.pop() {
+            while state
+                .expiries
+                .first()
+                .is_some_and(|(at, _)| *at <= now.instant)
+            {
+                if let Some((_, resource)) = state.expiries.pop_first() {
+                    // Filed again by prune while the resource still has holders.
+                    state.due.remove(&resource);
                     state.prune(&resource, now, &self.events);
                 }
             }
@@ -249,78 +358,10 @@ impl Backend for MemoryBackend {
     async fn acquire(&self, p: &AcquireParams) -> Result<AcquireOutcome> {
         let now = Now::get();
         let mut state = self.state();
-        let state = &mut *state;
         state.prune(&p.resource, now, &self.events);
-        let mut free = true;
-        if let Some(entry) = state.locks.get_mut(&p.resource) {
-            if entry.limit != p.limit {
-                return Err(mismatch(&p.resource, entry.limit, p.limit));
-            }
-            if let Some(h) = entry
-                .holders
-                .iter_mut()
-                .find(|h| h.token == p.token && !h.lingering)
-            {
-                let lease = renew(
-                    h,
-                    &p.resource,
-                    p.ttl,
-                    now,
-                    &self.events,
-                    &mut state.expiries,
-                );
-                state.leave_queue(&p.resource, p.fair.as_deref());
-                return Ok(AcquireOutcome::Acquired(lease));
-            }
-            free = entry.holders.len() < p.limit as usize;
-        }
-        let allowed = state.queue_allows(&p.resource, p.fair.as_deref(), now);
-        if free && allowed {
-            state.leave_queue(&p.resource, p.fair.as_deref());
-            let fence = state.fences.entry(p.resource.clone()).or_default();
-            *fence += 1;
-            let holder = Holder {
-                token: p.token.clone(),
-                owner: p.owner.clone(),
-                fencing_token: *fence,
-                acquired_at: now.unix,
-                expires: now.instant + p.ttl,
-                labels: p.labels.clone(),
-                lingering: false,
-            };
-            let lease = holder.lease(&p.resource, p.ttl, now);
-            self.events.publish(LockEvent {
-                kind: EventKind::Acquired,
-                resource: p.resource.clone(),
-                owner: p.owner.clone(),
-                fencing_token: holder.fencing_token,
-                time: now.unix,
-                expires_at: Some(lease.expires_at),
-            });
-            state
-                .expiries
-                .push(Reverse((holder.expires, p.resource.clone())));
-            state
-                .locks
-                .entry(p.resource.clone())
-                .or_insert_with(|| Entry {
-                    limit: p.limit,
-                    holders: Vec::new(),
-                })
-                .holders
-                .push(holder);
-            return Ok(AcquireOutcome::Acquired(lease));
-        }
-        state.enqueue(&p.resource, p.fair.as_deref(), now);
-        let entry = state.locks.get(&p.resource);
-        let first = entry.and_then(|e| e.holders.iter().min_by_key(|h| h.fencing_token));
-        Ok(AcquireOutcome::Busy(Busy {
-            holder: first.map(|h| h.info(&p.resource, now)),
-            holders: entry.map_or(0, |e| e.holders.len() as u32),
-            retry_in: entry
-                .and_then(|e| e.holders.iter().map(|h| h.expires).min())
-                .map(|at| at.saturating_duration_since(now.instant)),
-        }))
+        let outcome = state.acquire(p, now, &self.events);
+        state.reschedule(&p.resource);
+        outcome
     }
 
     async fn release(&self, p: &ReleaseParams) -> Result<ReleaseOutcome> {
@@ -346,6 +387,12 @@ impl Backend for MemoryBackend {
             if entry.holders[i].lingering {
                 return Ok(not(LeaseStatus::NotHeld));
             }
+            if let Some(stream) = &p.only_if_renewer
+                && entry.holders[i].renewer.as_ref() != Some(stream)
+            {
+                // Renewed through another KeepAlive stream (or a plain Extend) since.
+                return Ok(not(LeaseStatus::HeldByOther));
+            }
             let h = &mut entry.holders[i];
             let hold_until = p
                 .keep_until
@@ -356,9 +403,6 @@ impl Backend for MemoryBackend {
                 h.lingering = true;
                 h.expires =
                     now.instant + Duration::from_millis((hold_until - now.unix).unsigned_abs());
-                state
-                    .expiries
-                    .push(Reverse((h.expires, p.resource.clone())));
                 hold_until
             } else {
                 now.unix
@@ -370,6 +414,7 @@ impl Backend for MemoryBackend {
                     state.locks.remove(&p.resource);
                 }
             }
+            state.reschedule(&p.resource);
             self.events.publish(LockEvent {
                 kind: EventKind::Released,
                 resource: p.resource.clone(),
@@ -378,7 +423,9 @@ impl Backend for MemoryBackend {
                 time: now.unix,
                 expires_at: Some(frees_at),
             });
-            let next = state.queue_head(&p.resource, now).map(str::to_owned);
+            let next = state
+                .queue_head(&p.resource, now)
+                .map(|(id, _)| id.to_owned());
             (
                 // The release below wakes the next waiter in-process.
                 ReleaseOutcome {
@@ -424,7 +471,9 @@ impl Backend for MemoryBackend {
         let ttl = Duration::from_millis(
             u64::try_from((base + p.ttl).min(p.max_ttl).as_millis()).unwrap_or(u64::MAX),
         );
-        let lease = renew(h, &p.resource, ttl, now, &self.events, &mut state.expiries);
+        h.renewer.clone_from(&p.renewer);
+        let lease = renew(h, &p.resource, ttl, now, &self.events);
+        state.reschedule(&p.resource);
         Ok(ExtendOutcome {
             status: LeaseStatus::Ok,
             lease: Some(lease),
@@ -482,12 +531,12 @@ impl Backend for MemoryBackend {
         let now = Now::get();
         let next = {
             let mut state = self.state();
-            let was_head = state.queue_head(resource, now) == Some(waiter);
+            let was_head = state.queue_head(resource, now).map(|(id, _)| id) == Some(waiter);
             state.leave_queue(resource, Some(waiter));
             if !was_head {
                 return Ok(());
             }
-            state.queue_head(resource, now).map(str::to_owned)
+            state.queue_head(resource, now).map(|(id, _)| id.to_owned())
         };
         self.waiters.released(resource, next.as_deref());
         Ok(())
@@ -499,5 +548,83 @@ impl Backend for MemoryBackend {
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::checks::{self, acquire_params, extend_params, release_params};
+
+    fn backend() -> MemoryBackend {
+        MemoryBackend::new(Arc::default(), Arc::default())
+    }
+
+    #[tokio::test]
+    async fn release_on_close_spares_a_renewal_made_elsewhere() {
+        let b = backend();
+        checks::release_on_close_spares_a_renewal_made_elsewhere(&b, 1).await;
+        checks::release_on_close_spares_a_renewal_made_elsewhere(&b, 3).await;
+    }
+
+    #[tokio::test]
+    async fn a_fair_queue_head_in_the_way_reports_when_it_goes_stale() {
+        let b = backend();
+        checks::a_fair_queue_head_in_the_way_reports_when_it_goes_stale(&b, 1).await;
+        checks::a_fair_queue_head_in_the_way_reports_when_it_goes_stale(&b, 2).await;
+    }
+
+    #[tokio::test]
+    async fn renewals_keep_one_expiry_entry_per_lock() {
+        let b = backend();
+        b.acquire(&acquire_params("r", "T", 1)).await.unwrap();
+        b.acquire(&acquire_params("s", "A", 2)).await.unwrap();
+        b.acquire(&acquire_params("s", "B", 2)).await.unwrap();
+        for i in 0..100_000 {
+            let (resource, token) = if i % 2 == 0 { ("r", "T") } else { ("s", "A") };
+            let extended = b
+                .extend(&extend_params(resource, token, None))
+                .await
+                .unwrap();
+            assert_eq!(extended.status, LeaseStatus::Ok);
+        }
+        assert_eq!(b.state().expiries.len(), 2);
+        b.release(&release_params("r", "T", None)).await.unwrap();
+        b.release(&release_params("s", "A", None)).await.unwrap();
+        b.release(&release_params("s", "B", None)).await.unwrap();
+        let state = b.state();
+        assert!(state.expiries.is_empty() && state.due.is_empty());
+    }
+
+    #[tokio::test]
+    async fn fencing_tokens_follow_the_clock_and_keep_no_state_per_free_resource() {
+        let b = backend();
+        let before = u64::try_from(since_epoch().as_micros()).unwrap();
+        let mut last = 0;
+        for _ in 0..3 {
+            let AcquireOutcome::Acquired(lease) =
+                b.acquire(&acquire_params("r", "T", 1)).await.unwrap()
+            else {
+                panic!("busy");
+            };
+            assert!(lease.fencing_token > last && lease.fencing_token >= before);
+            last = lease.fencing_token;
+            b.release(&release_params("r", "T", None)).await.unwrap();
+        }
+        // Nothing is left of a free resource.
+        let state = b.state();
+        assert!(state.locks.is_empty() && state.queues.is_empty() && state.due.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_semaphore_slot_released_with_a_minimum_hold_is_not_granted_again() {
+        let b = backend();
+        b.acquire(&acquire_params("s", "T", 2)).await.unwrap();
+        let mut hold = release_params("s", "T", None);
+        hold.min_hold = Duration::from_secs(3600);
+        b.release(&hold).await.unwrap();
+        let again = b.acquire(&acquire_params("s", "T", 2)).await.unwrap();
+        assert!(matches!(again, AcquireOutcome::Busy(_)), "{again:?}");
+        assert_eq!(b.inspect("s").await.unwrap().unwrap().holders.len(), 1);
     }
 }

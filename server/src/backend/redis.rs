@@ -1,10 +1,13 @@
 //! The Redis backend: locks as Redis hashes changed only through Lua scripts, and wake-ups and
 //! events through one pub/sub subscription per lockd process.
 //!
-//! Keys, all sharing the Redis Cluster hash tag `{<resource>}` so one script's keys share a slot:
-//! `<prefix>:{<resource>}` (the lock or semaphore), `<prefix>:{<resource>}:fence` (the fencing
-//! counter, which never expires), and `<prefix>:{<resource>}:queue` / `:qexp` (the fair queue,
-//! only while fair waiters exist). Channels: `<prefix>:released` (wake-ups) and
+//! Keys, all sharing the Redis Cluster hash tag `{<tag>}` so one script's keys share a slot:
+//! `<prefix>:{<tag>}` (the lock or semaphore), `<prefix>:{<tag>}:fence` (the fencing counter,
+//! which outlives the lock by [`FENCE_GRACE`]), and `<prefix>:{<tag>}:queue` / `:qexp` (the
+//! fair queue, only while fair waiters exist). The tag is the resource name with `%`, `{` and
+//! `}` escaped as `%25`, `%7B` and `%7D` (see [`tag`]), so every name gets one non-empty tag of
+//! its own; names without those characters keep the keys they always had. The key prefix must
+//! not contain `{` or `}`, or Redis Cluster would hash some other part of the key. Channels: `<prefix>:released` (wake-ups) and
 //! `<prefix>:events` (for Watch), plus Redis keyspace notifications for expirations.
 //!
 //! Connections: deadpool-redis creates them (with connect, reply and pool timeouts), and the
@@ -27,7 +30,7 @@ use deadpool_redis::redis::{self, AsyncConnectionConfig, RedisError, Value};
 use deadpool_redis::{Manager, Pool, Runtime};
 use tokio_util::sync::CancellationToken;
 
-use self::reply::Reply;
+use self::reply::{AcquireReply, ExtendReply, ReleaseReply, decode_inspect};
 use self::scripts::Scripts;
 use self::subscriber::Subscriber;
 use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page, mismatch};
@@ -36,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::lock::{
     AcquireOutcome, AcquireParams, Busy, ExtendOutcome, Holders, Lease, LeaseStatus,
-    ReleaseOutcome, ReleaseParams,
+    ReleaseOutcome, ReleaseParams, UnixMillis,
 };
 use crate::locks::waiters::Waiters;
 
@@ -104,6 +107,14 @@ impl std::fmt::Debug for RedisBackend {
     }
 }
 
+/// How long a resource's fencing counter (`:fence`) outlives its last lease. Fencing tokens
+/// are `max(counter + 1, Redis TIME in µs)` (see acquire.lua): while the counter exists, tokens
+/// grow whatever Redis's clock does; once it is gone (expired, evicted, or lost with Redis's
+/// data), they grow as long as Redis's clock never steps back by more than this (and, after a
+/// failover, the new primary's clock does not lag the old one's by more than the failover took).
+/// The counter then costs memory for this long after a resource was last used.
+pub const FENCE_GRACE: Duration = Duration::from_secs(10);
+
 fn is_connection_failure(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
@@ -112,8 +123,55 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A duration in whole milliseconds, as a timestamp offset.
+fn millis(d: Duration) -> UnixMillis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 fn from_ms(ms: i64) -> Duration {
     Duration::from_millis(ms.max(0).unsigned_abs())
+}
+
+/// The hash tag of a resource's keys: the name with `%`, `{` and `}` escaped as `%25`, `%7B`
+/// and `%7D`. Injective (`%` only starts an escape), never empty for a valid (non-empty) name,
+/// free of braces (so Redis Cluster hashes exactly the tag), and prefix-preserving (the tag of a
+/// prefix is a prefix of the tag), so `ListLocks` can still match a prefix with `SCAN`.
+fn tag(resource: &str) -> std::borrow::Cow<'_, str> {
+    if !resource.contains(['%', '{', '}']) {
+        return resource.into();
+    }
+    let mut out = String::with_capacity(resource.len() + 8);
+    for c in resource.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
+/// The resource name of a hash tag made by [`tag`], or `None` when `tag` is not one.
+fn untag(tag: &str) -> Option<String> {
+    if tag.contains(['{', '}']) {
+        return None;
+    }
+    let mut out = String::with_capacity(tag.len());
+    let mut rest = tag;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let escape = rest.get(at..at + 3)?;
+        out.push(match escape {
+            "%25" => '%',
+            "%7B" => '{',
+            "%7D" => '}',
+            _ => return None,
+        });
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// Escapes the glob characters of `s` for `SCAN MATCH`.
@@ -178,14 +236,15 @@ impl RedisBackend {
         Ok(backend)
     }
 
+    /// The key of `resource` with `suffix` ("" for the lock itself, ":fence", ":queue", ":qexp").
     fn key(&self, resource: &str, suffix: &str) -> String {
-        format!("{}:{{{resource}}}{suffix}", self.prefix)
+        format!("{}:{{{}}}{suffix}", self.prefix, tag(resource))
     }
 
     /// The resource of a lock key, or `None` for any other key.
     fn resource_of(&self, key: &str) -> Option<String> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
-        rest.strip_suffix('}').map(str::to_owned)
+        untag(rest.strip_suffix('}')?)
     }
 
     /// Checks, at start, that Redis will not evict lock keys: its `maxmemory-policy` must be
@@ -317,22 +376,7 @@ impl RedisBackend {
 
     async fn inspect_key(&self, resource: &str) -> Result<Option<Holders>> {
         let inv = self.scripts.inspect.key(self.key(resource, ""));
-        let reply = Reply::new(self.run(&inv).await?)?;
-        if reply.0.is_empty() {
-            return Ok(None);
-        }
-        let now = reply.int(0)?;
-        let limit = reply.uint32(1)?;
-        let count = reply.int(2)?;
-        let mut at = 3;
-        let mut holders = Vec::new();
-        for _ in 0..count {
-            let (holder, next) = reply.holder(at, now, resource)?;
-            holders.push(holder);
-            at = next;
-        }
-        holders.sort_by_key(|h| h.fencing_token);
-        Ok(Some(Holders { limit, holders }))
+        decode_inspect(self.run(&inv).await?, resource)
     }
 }
 
@@ -350,91 +394,85 @@ impl Backend for RedisBackend {
             .arg(ms(FAIR_ENTRY_TTL))
             .arg(&self.events_channel)
             .arg(&p.resource)
-            .arg(if p.waiting { "1" } else { "0" });
+            .arg(if p.waiting { "1" } else { "0" })
+            .arg(ms(FENCE_GRACE));
         for (name, value) in &p.labels {
             inv.arg(name).arg(value);
         }
-        let reply = Reply::new(self.run(&inv).await?)?;
-        match reply.int(0)? {
-            1 => Ok(AcquireOutcome::Acquired(Lease {
+        match AcquireReply::decode(self.run(&inv).await?, &p.resource)? {
+            AcquireReply::Granted { fencing_token, now } => Ok(AcquireOutcome::Acquired(Lease {
                 resource: p.resource.clone(),
                 token: p.token.clone(),
-                fencing_token: reply.uint(1)?,
-                expires_at: reply
-                    .int(2)?
-                    .saturating_add(i64::try_from(ms(p.ttl)).unwrap_or(i64::MAX)),
+                fencing_token,
+                expires_at: now.saturating_add(millis(p.ttl)),
                 ttl: p.ttl,
             })),
-            0 => {
-                let now = reply.int(1)?;
-                let holders = reply.uint32(3)?;
-                let retry = reply.int(4)?;
-                let holder = if reply.0.len() > 5 {
-                    Some(reply.holder(5, now, &p.resource)?.0)
-                } else {
-                    None
-                };
-                Ok(AcquireOutcome::Busy(Busy {
-                    holder,
-                    holders,
-                    retry_in: (retry >= 0).then(|| from_ms(retry)),
-                }))
+            AcquireReply::Busy { retry_in, holder } => {
+                Ok(AcquireOutcome::Busy(Busy { holder, retry_in }))
             }
-            _ => Err(mismatch(&p.resource, reply.uint32(1)?, p.limit)),
+            AcquireReply::LimitMismatch { limit } => Err(mismatch(&p.resource, limit, p.limit)),
         }
     }
 
     async fn release(&self, p: &ReleaseParams) -> Result<ReleaseOutcome> {
         let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
         inv.key(self.key(&p.resource, ":queue"))
+            .key(self.key(&p.resource, ":fence"))
             .arg(p.token.expose())
             .arg(&self.released_channel)
             .arg(&self.events_channel)
             .arg(&p.resource)
             .arg(p.keep_until.unwrap_or(0))
             .arg(ms(p.min_hold))
-            .arg(ms(p.max_ttl));
-        let reply = Reply::new(self.run(&inv).await?)?;
-        let status = reply.lease_status()?;
-        if status != LeaseStatus::Ok {
-            return Ok(ReleaseOutcome {
-                status,
-                frees_at: None,
-            });
-        }
-        Ok(ReleaseOutcome {
-            status,
-            frees_at: Some(reply.int(1)?),
-        })
+            .arg(ms(p.max_ttl))
+            .arg(if p.only_if_renewer.is_some() {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(p.only_if_renewer.as_deref().unwrap_or(""))
+            .arg(ms(FENCE_GRACE));
+        let (status, frees_at) = match ReleaseReply::decode(self.run(&inv).await?)? {
+            ReleaseReply::Released { frees_at } => (LeaseStatus::Ok, Some(frees_at)),
+            ReleaseReply::NotHeld => (LeaseStatus::NotHeld, None),
+            ReleaseReply::HeldByOther => (LeaseStatus::HeldByOther, None),
+        };
+        Ok(ReleaseOutcome { status, frees_at })
     }
 
     async fn extend(&self, p: &ExtendParams) -> Result<ExtendOutcome> {
         let mut inv = self.scripts.extend.key(self.key(&p.resource, ""));
-        inv.arg(p.token.expose())
+        inv.key(self.key(&p.resource, ":fence"))
+            .arg(p.token.expose())
             .arg(ms(p.ttl))
             .arg(if p.replace_ttl { "1" } else { "0" })
             .arg(ms(p.max_ttl))
             .arg(&self.events_channel)
-            .arg(&p.resource);
-        let reply = Reply::new(self.run(&inv).await?)?;
-        let status = reply.lease_status()?;
-        if status != LeaseStatus::Ok {
-            return Ok(ExtendOutcome {
-                status,
-                lease: None,
-            });
-        }
-        let ttl_ms = reply.int(3)?;
-        Ok(ExtendOutcome {
+            .arg(&p.resource)
+            .arg(p.renewer.as_deref().unwrap_or(""))
+            .arg(ms(FENCE_GRACE));
+        let not = |status| ExtendOutcome {
             status,
-            lease: Some(Lease {
-                resource: p.resource.clone(),
-                token: p.token.clone(),
-                fencing_token: reply.uint(1)?,
-                expires_at: reply.int(2)?.saturating_add(ttl_ms),
-                ttl: from_ms(ttl_ms),
+            lease: None,
+        };
+        match ExtendReply::decode(self.run(&inv).await?)? {
+            ExtendReply::Extended {
+                fencing_token,
+                now,
+                ttl_ms,
+            } => Ok(ExtendOutcome {
+                status: LeaseStatus::Ok,
+                lease: Some(Lease {
+                    resource: p.resource.clone(),
+                    token: p.token.clone(),
+                    fencing_token,
+                    expires_at: now.saturating_add(ttl_ms),
+                    ttl: from_ms(ttl_ms),
+                }),
             }),
-        })
+            ExtendReply::NotHeld => Ok(not(LeaseStatus::NotHeld)),
+            ExtendReply::HeldByOther => Ok(not(LeaseStatus::HeldByOther)),
+        }
     }
 
     async fn inspect(&self, resource: &str) -> Result<Option<Holders>> {
@@ -449,7 +487,12 @@ impl Backend for RedisBackend {
                 .parse()
                 .map_err(|_| Error::invalid("page_token", "is not a token returned by ListLocks"))?
         };
-        let pattern = format!("{}:{{{}*}}", glob_escape(&self.prefix), glob_escape(prefix));
+        // Tags are prefix-preserving: the tags of the names under `prefix` start with its tag.
+        let pattern = format!(
+            "{}:{{{}*}}",
+            glob_escape(&self.prefix),
+            glob_escape(&tag(prefix))
+        );
         let mut scan = redis::pipe();
         scan.cmd("SCAN")
             .arg(cursor)
@@ -526,6 +569,7 @@ impl Backend for RedisBackend {
 mod tests {
     use super::subscriber::parse_event;
     use super::*;
+    use crate::backend::checks;
     use crate::lock::EventKind;
 
     fn start_with_pool_size(pool_size: usize) -> Arc<RedisBackend> {
@@ -553,6 +597,95 @@ mod tests {
     #[tokio::test]
     async fn a_single_threaded_runtime_shares_one_connection() {
         assert_eq!(start_with_pool_size(0).conns.len(), 1);
+    }
+
+    /// A redis-server on a free port for one test, killed when dropped.
+    struct LocalRedis {
+        child: std::process::Child,
+        port: u16,
+    }
+
+    impl LocalRedis {
+        fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server is needed: sudo apt-get install -y redis-server");
+            for _ in 0..500 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Self { child, port }
+        }
+
+        fn backend(&self) -> (Arc<RedisBackend>, CancellationToken) {
+            let config = RedisConfig {
+                url: format!("redis://127.0.0.1:{}", self.port),
+                pool_size: 1,
+                timeout: Duration::from_secs(5),
+                key_prefix: "lockd".into(),
+            };
+            let shutdown = CancellationToken::new();
+            let backend =
+                RedisBackend::start(&config, Arc::default(), Arc::default(), shutdown.clone())
+                    .unwrap();
+            (backend, shutdown)
+        }
+    }
+
+    impl Drop for LocalRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn release_on_close_spares_a_renewal_made_elsewhere() {
+        let redis = LocalRedis::start();
+        let (b, shutdown) = redis.backend();
+        checks::release_on_close_spares_a_renewal_made_elsewhere(&*b, 1).await;
+        checks::release_on_close_spares_a_renewal_made_elsewhere(&*b, 3).await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_fair_queue_head_in_the_way_reports_when_it_goes_stale() {
+        let redis = LocalRedis::start();
+        let (b, shutdown) = redis.backend();
+        checks::a_fair_queue_head_in_the_way_reports_when_it_goes_stale(&*b, 1).await;
+        checks::a_fair_queue_head_in_the_way_reports_when_it_goes_stale(&*b, 2).await;
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn hash_tags_escape_braces_and_decode_back() {
+        let names = [
+            "}x", "a}b", "{c}", "%7D", "}", "{", "%", "%25", "plain", "a%b", "é{",
+        ];
+        let tags: Vec<_> = names.iter().map(|n| tag(n).into_owned()).collect();
+        for (name, t) in names.iter().zip(&tags) {
+            assert!(!t.is_empty() && !t.contains(['{', '}']), "{name}: {t}");
+            assert_eq!(untag(t).as_deref(), Some(*name));
+            // Prefix-preserving, for ListLocks.
+            assert!(tag(&format!("{name}tail")).starts_with(t.as_str()));
+        }
+        let distinct: std::collections::HashSet<_> = tags.iter().collect();
+        assert_eq!(distinct.len(), names.len());
+        assert_eq!(tag("job-1"), "job-1");
+        assert_eq!(untag("%7"), None);
+        assert_eq!(untag("%41"), None);
+        assert_eq!(untag("a}"), None);
     }
 
     #[test]

@@ -1,0 +1,76 @@
+-- common.lua: helpers shared by acquire.lua, release.lua and extend.lua. scripts.rs puts this
+-- file in front of each of them; it reads no KEYS or ARGV itself.
+--
+-- Reply codes (the first element of each script's reply; reply.rs names them the same way):
+local GRANTED, BUSY, LIMIT_MISMATCH = 1, 0, -2 -- acquire.lua
+local OK, NOT_HELD, HELD_BY_OTHER = 1, 0, -1 -- release.lua, extend.lua
+
+-- Redis TIME: now in ms as a number and as a string, and in microseconds as a string. Redis
+-- formats every Lua number passed to a command with printf, which costs more than the rest of
+-- the arithmetic here, so values only passed on stay strings.
+local function clock()
+  local t = redis.call('TIME')
+  local us = string.rep('0', 6 - #t[2]) .. t[2]
+  local ms_s = t[1] .. string.sub(us, 1, 3)
+  return tonumber(ms_s), ms_s, t[1] .. us
+end
+
+-- Drops the expired holders of the semaphore hash `key` (fields: see acquire.lua) and describes
+-- the live ones. Returns a table with
+--   count    the number of live holders (lingering ones included: they still hold a slot),
+--   latest   their latest expiry (ms), 0 when none,
+--   others   the latest expiry among holders other than `token` (ms), 0 when none,
+--   soonest  their earliest expiry (ms), nil when none,
+--   first    {fencing token, token, expiry} of the holder with the lowest fencing token, or nil,
+--   mine     `token`'s expiry when it is a live holder, else nil,
+--   h        the hash as read (name -> value), expired holders included.
+local function settle_semaphore(key, now, token)
+  local fields = redis.call('HGETALL', key)
+  local h = {}
+  for i = 1, #fields, 2 do
+    h[fields[i]] = fields[i + 1]
+  end
+  local s = {count = 0, latest = 0, others = 0, h = h}
+  for i = 1, #fields, 2 do
+    local name = fields[i]
+    if string.sub(name, 1, 2) == 'e:' then
+      local tok, exp = string.sub(name, 3), tonumber(fields[i + 1])
+      if exp <= now then
+        redis.call('HDEL', key, 'e:' .. tok, 'f:' .. tok, 'a:' .. tok, 'o:' .. tok, 'g:' .. tok,
+          'r:' .. tok, 'k:' .. tok)
+      else
+        s.count = s.count + 1
+        s.latest = math.max(s.latest, exp)
+        if tok == token then
+          s.mine = exp
+        else
+          s.others = math.max(s.others, exp)
+        end
+        if s.soonest == nil or exp < s.soonest then
+          s.soonest = exp
+        end
+        local fence = tonumber(h['f:' .. tok])
+        if s.first == nil or fence < s.first[1] then
+          s.first = {fence, tok, exp}
+        end
+      end
+    end
+  end
+  return s
+end
+
+-- Makes the lock key `key` end at `ends` (ms since epoch), or deletes it when `ends` is 0 (no
+-- live holder is left), and lets the fencing counter `fence_key` outlive it by `grace` ms. The
+-- counter must outlive the lock so that an expiry event still reads it, and a little longer so
+-- that a backward step of Redis's clock shorter than `grace` cannot hand out a token below one
+-- already given (see acquire.lua's next_fence).
+local function set_lifetime(key, fence_key, ends, now, grace)
+  if ends == 0 then
+    redis.call('DEL', key)
+    redis.call('PEXPIREAT', fence_key, now + grace)
+  else
+    redis.call('PEXPIREAT', key, ends)
+    redis.call('PEXPIREAT', fence_key, ends + grace)
+  end
+end
+
