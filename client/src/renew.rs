@@ -22,14 +22,14 @@
 //!   minimum hold, if any, and the client's retries), answers, then ends the stream; lockd's
 //!   release-on-close then finds nothing left to release.
 //! - Dropping the guard (or cancelling the task that holds it) closes the channel: the task
-//!   stops renewing at once and ends the stream, and lockd releases the lease because the
-//!   stream ended without a release. With a minimum hold (or `expire_on_close`), or before
+//!   stops renewing at once and ends the stream (a half-close), and lockd releases the lease
+//!   because the client ended the stream without a release. With a minimum hold (or `expire_on_close`), or before
 //!   lockd has answered for the lease on an open stream, it first calls `Release` (one
 //!   attempt, with the minimum hold), so the lock is kept until the minimum hold has passed.
 //!   A stream still being opened is opened fully first and ended only after the release, so
 //!   lockd never releases the lease early because of it. If the whole process dies, the
-//!   connection drops and lockd releases at once (or leaves the lease to its TTL with
-//!   `expire_on_close`).
+//!   connection breaks and lockd leaves the lease to its TTL: it cannot tell a crash from a
+//!   network fault, after which this process could still be acting on the lease.
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
@@ -98,6 +98,23 @@ struct Session {
     /// Whether lockd has answered for the lease on this stream: only then does ending the
     /// stream release it (before, lockd may never have seen the `keep`).
     bound: bool,
+}
+
+impl Session {
+    /// Ends the stream from this side and waits (up to `limit`) for lockd to end its side,
+    /// which it does after releasing the stream's lease. Only a stream ended this way is
+    /// released at once: a stream that breaks (dropped without ending) is left to its TTL,
+    /// since lockd cannot tell a crash from a network fault.
+    async fn end(self, limit: Duration) {
+        let Self {
+            tx, mut replies, ..
+        } = self;
+        drop(tx);
+        let _ = timeout(limit, async {
+            while let Ok(Some(_)) = replies.message().await {}
+        })
+        .await;
+    }
 }
 
 /// Why the keep-alive loop stopped.
@@ -330,7 +347,9 @@ impl Renewal {
                 && self.min_hold.is_none()
                 && !self.expire_on_close =>
             {
-                drop(session);
+                if let Some(session) = session {
+                    session.end(self.client.request_timeout()).await;
+                }
             }
             None => {
                 let released = self

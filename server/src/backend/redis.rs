@@ -323,7 +323,7 @@ impl RedisBackend {
 
     /// One of the shared connections, connecting it first if needed; refused while Redis may
     /// evict lock keys.
-    async fn conn(&self) -> Result<(usize, MultiplexedConnection)> {
+    async fn conn(&self) -> Result<MultiplexedConnection> {
         let conn = self.any_conn().await?;
         if self.refusing.load(Ordering::Relaxed) {
             return Err(self.refusal());
@@ -333,50 +333,65 @@ impl RedisBackend {
 
     /// One of the shared connections, connecting it first if needed. Each new connection
     /// checks Redis's `maxmemory-policy` first, since Redis may have been replaced.
-    async fn any_conn(&self) -> Result<(usize, MultiplexedConnection)> {
+    async fn any_conn(&self) -> Result<MultiplexedConnection> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let slot = &self.conns[i];
         if let Some(c) = slot.lock().unwrap_or_else(PoisonError::into_inner).clone() {
-            return Ok((i, c));
+            return Ok(c);
         }
         let _connecting = self.connecting[i].lock().await;
         // Another request may have connected the slot while this one waited.
         if let Some(c) = slot.lock().unwrap_or_else(PoisonError::into_inner).clone() {
-            return Ok((i, c));
+            return Ok(c);
         }
         // Boxed: connecting is rare, and its future would otherwise enlarge every call's.
         let mut c = deadpool_redis::Connection::take(Box::pin(self.pool.get()).await?);
         Box::pin(self.check_policy(&mut c)).await?;
         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(c.clone());
-        Ok((i, c))
+        Ok(c)
     }
 
-    fn forget_on_failure<T>(&self, i: usize, r: Result<T, RedisError>) -> Result<T> {
-        r.map_err(|e| {
-            if is_connection_failure(&e) {
-                *self.conns[i].lock().unwrap_or_else(PoisonError::into_inner) = None;
+    /// After a connection failure, forgets every shared connection: they all lead to the same
+    /// Redis, which most likely restarted or went away, so the next calls reconnect instead of
+    /// each finding its own dead connection.
+    fn forget_on_failure<T>(&self, r: Result<T, RedisError>) -> Result<T, RedisError> {
+        if let Err(e) = &r
+            && is_connection_failure(e)
+        {
+            for slot in &*self.conns {
+                *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
             }
-            e.into()
-        })
+        }
+        r
     }
 
-    /// Runs a script invocation on a shared connection, dropping the connection if it failed.
+    /// Runs a script invocation on a shared connection.
     async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Value> {
-        let (i, mut conn) = self.conn().await?;
-        let r = invocation.invoke_async(&mut conn).await;
-        self.forget_on_failure(i, r)
+        let mut conn = self.conn().await?;
+        Ok(self.forget_on_failure(invocation.invoke_async(&mut conn).await)?)
+    }
+
+    /// Runs a script that may safely run twice (a read, or an acquire: its token finds the
+    /// lease a first run may have granted). When its connection turns out dead (Redis
+    /// restarted), it is retried once on a fresh connection instead of failing the caller.
+    /// Not after a timeout: Redis may be slow, and a second wait would double the delay.
+    async fn run_idempotent(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Value> {
+        let mut conn = self.conn().await?;
+        match self.forget_on_failure(invocation.invoke_async(&mut conn).await) {
+            Err(e) if is_connection_failure(&e) && !e.is_timeout() => self.run(invocation).await,
+            r => Ok(r?),
+        }
     }
 
     /// Runs a plain command or pipeline on a shared connection.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Pipeline) -> Result<T> {
-        let (i, mut conn) = self.conn().await?;
-        let r = cmd.query_async(&mut conn).await;
-        self.forget_on_failure(i, r)
+        let mut conn = self.conn().await?;
+        Ok(self.forget_on_failure(cmd.query_async(&mut conn).await)?)
     }
 
     async fn inspect_key(&self, resource: &str) -> Result<Option<Holders>> {
         let inv = self.scripts.inspect.key(self.key(resource, ""));
-        decode_inspect(self.run(&inv).await?, resource)
+        decode_inspect(self.run_idempotent(&inv).await?, resource)
     }
 }
 
@@ -399,7 +414,7 @@ impl Backend for RedisBackend {
         for (name, value) in &p.labels {
             inv.arg(name).arg(value);
         }
-        match AcquireReply::decode(self.run(&inv).await?, &p.resource)? {
+        match AcquireReply::decode(self.run_idempotent(&inv).await?, &p.resource)? {
             AcquireReply::Granted { fencing_token, now } => Ok(AcquireOutcome::Acquired(Lease {
                 resource: p.resource.clone(),
                 token: p.token.clone(),
@@ -536,17 +551,17 @@ impl Backend for RedisBackend {
     /// Fails while Redis does not answer, while its `maxmemory-policy` may evict lock keys,
     /// and while the wake-up subscription is down.
     async fn ping(&self) -> Result<()> {
-        let (i, mut conn) = self.any_conn().await?;
+        let mut conn = self.any_conn().await?;
         if self.refusing.load(Ordering::Relaxed) {
             // Look again, so a Redis whose policy was fixed is served without a restart.
             let checked = self.check_policy(&mut conn).await;
-            self.forget_on_failure(i, checked)?;
+            self.forget_on_failure(checked)?;
             if self.refusing.load(Ordering::Relaxed) {
                 return Err(self.refusal());
             }
         }
         let pong = redis::cmd("PING").query_async::<String>(&mut conn).await;
-        self.forget_on_failure(i, pong)?;
+        self.forget_on_failure(pong)?;
         let down = self
             .wakeups_down
             .lock()
@@ -634,6 +649,7 @@ mod tests {
                 pool_size: 1,
                 timeout: Duration::from_secs(5),
                 key_prefix: "lockd".into(),
+                allow_evicting: false,
             };
             let shutdown = CancellationToken::new();
             let backend =

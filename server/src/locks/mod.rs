@@ -179,13 +179,17 @@ impl<B: Backend> Locks<B> {
         result
     }
 
-    /// Lengthens a lease.
+    /// Lengthens a lease. An Extend call is logged; a KeepAlive heartbeat's renewal (with a
+    /// `renewer`) is not, since it repeats every few seconds for every kept lease (the session
+    /// logs the lease's loss instead).
     ///
     /// # Errors
     /// Backend failures.
     pub async fn extend(&self, params: &ExtendParams) -> Result<ExtendOutcome> {
         let outcome = self.backend.extend(params).await?;
-        info!(resource = %params.resource, outcome = status_name(outcome.status), "extend");
+        if params.renewer.is_none() {
+            info!(resource = %params.resource, outcome = status_name(outcome.status), "extend");
+        }
         Ok(outcome)
     }
 

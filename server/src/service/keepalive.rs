@@ -1,6 +1,8 @@
 //! `KeepAlive`: leases bound to a bidirectional stream. Each client message is a heartbeat that
-//! renews every lease of the stream; a lease that is lost is reported at once; when the stream
-//! ends without a release, its leases are released (or left to expire, if asked).
+//! renews every lease of the stream; a lease that is lost is reported at once. When the client
+//! ends the stream without a release, its leases are released (or left to expire, if asked);
+//! when the stream breaks (reset, crash, partition), they end at their TTL, since the client
+//! may still be acting on them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -79,13 +81,20 @@ impl<B: Backend> Session<B> {
                             return;
                         }
                     }
-                    // The client closed its side, crashed, or its connection dropped.
-                    Some(Err(_)) | None => break,
+                    // The client ended its side of the stream: it knows its leases are done.
+                    None => break,
+                    // The stream broke: a reset connection, a crashed or partitioned client. A
+                    // client that is still alive may believe it holds its leases until the
+                    // expiry its last heartbeat reply promised, and it may learn of the break
+                    // later than lockd does: releasing now could grant its lock to another
+                    // client while it still acts on it. Its leases end at their TTL instead.
+                    Some(Err(_)) => return self.abandon("stream_broken_left_to_ttl"),
                 },
                 _ = sleep_until(next_end.unwrap_or_else(Instant::now)), if next_end.is_some() => {
                     self.report_expired().await;
                 }
-                _ = self.tx.closed() => break,
+                // The client dropped the call without ending its stream: as above.
+                () = self.tx.closed() => return self.abandon("call_dropped_left_to_ttl"),
                 _ = shutdown.cancelled() => {
                     // Another lockd can take the stream over: keep the leases, end the stream.
                     let _ = self.tx.send(Err(Error::ShuttingDown.into())).await;
@@ -198,6 +207,13 @@ impl<B: Backend> Session<B> {
         Ok(())
     }
 
+    /// The stream ended abnormally: its leases are left to their TTL (see [`Session::run`]).
+    fn abandon(&self, why: &'static str) {
+        for (lease, _) in self.leases.values() {
+            info!(resource = %lease.resource, outcome = why, "keepalive");
+        }
+    }
+
     /// Reports and drops the leases whose time ran out without a renewal.
     async fn report_expired(&mut self) {
         let now = Instant::now();
@@ -230,7 +246,7 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    /// The stream ended without the client releasing: release its leases at once, unless it
+    /// The client ended the stream without releasing: release its leases at once, unless it
     /// asked for them to expire at their TTL. A lease renewed since by another stream (the
     /// client reconnected), by Extend or by a re-Acquire is left alone: releasing it would undo
     /// that renewal.

@@ -281,13 +281,13 @@ impl Subscriber {
 /// keys: the subscription is still worth keeping). A failure shows as a missing heartbeat.
 async fn publish_heartbeat(backend: Arc<RedisBackend>, channel: String) {
     let published = async {
-        let (i, mut conn) = backend.any_conn().await?;
+        let mut conn = backend.any_conn().await?;
         let r = redis::cmd("PUBLISH")
             .arg(&channel)
             .arg("")
             .query_async::<i64>(&mut conn)
             .await;
-        backend.forget_on_failure(i, r)
+        Ok::<_, crate::error::Error>(backend.forget_on_failure(r)?)
     };
     if let Err(e) = published.await {
         tracing::debug!(error = %e, "cannot publish the wake-up subscription's heartbeat");
