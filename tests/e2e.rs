@@ -11,6 +11,7 @@ mod support;
 mod client;
 mod conformance;
 mod contention;
+mod differential;
 mod fairness;
 mod keepalive;
 mod listing;
