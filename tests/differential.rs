@@ -34,7 +34,7 @@ const EXPIRY_PAUSE: Duration = Duration::from_millis(450);
 /// sequential), then answers busy.
 const WAIT_MS: u64 = 40;
 /// How long a failing seed may spend shrinking its history.
-const SHRINK_BUDGET: Duration = Duration::from_secs(6);
+const SHRINK_BUDGET: Duration = Duration::from_secs(8);
 /// Steps shown before the disagreeing one.
 const CONTEXT_STEPS: usize = 8;
 
@@ -160,6 +160,26 @@ enum Op {
 }
 
 impl Op {
+    /// The resource a step works on; `None` for listings and invalid requests.
+    fn resource(&self) -> Option<&'static str> {
+        match *self {
+            Op::Acquire { resource, .. }
+            | Op::Release { resource, .. }
+            | Op::Extend { resource, .. }
+            | Op::IsLocked(resource)
+            | Op::GetOwner(resource) => Some(resource),
+            Op::List(_) | Op::Invalid(_) => None,
+        }
+    }
+
+    /// May this step change a lock? (Reads only prune expired leases, which any step does.)
+    fn changes(&self) -> bool {
+        matches!(
+            self,
+            Op::Acquire { .. } | Op::Release { .. } | Op::Extend { .. }
+        )
+    }
+
     /// Does the runner pause after this step, so that the short lease it made expires?
     fn expires(&self) -> bool {
         matches!(
@@ -760,6 +780,7 @@ struct Backends {
 }
 
 /// A step where the backends answered differently.
+#[derive(Clone)]
 struct Disagreement {
     step: usize,
     memory: Answer,
@@ -803,35 +824,102 @@ impl Backends {
         None
     }
 
-    /// Removes steps from a disagreeing history while it still disagrees (greedy, in chunks of
-    /// halving size), within [`SHRINK_BUDGET`]. Returns the shortest history found and whether
-    /// every single step was tried for removal.
-    async fn shrink(&mut self, ops: &[Op]) -> (Vec<Op>, bool) {
+    /// Removes steps from a disagreeing history while it still disagrees: first every step on
+    /// other resources, then every step that only looks, then chunks of halving size down to
+    /// single steps, within [`SHRINK_BUDGET`].
+    async fn shrink(&mut self, ops: &[Op], d: Disagreement) -> Shrunk {
         let deadline = Instant::now() + SHRINK_BUDGET;
-        let mut ops = ops.to_vec();
-        let mut chunk = ops.len().div_ceil(2);
+        let mut best = Shrunk {
+            ops: ops[..=d.step].to_vec(),
+            disagreement: d,
+            minimal: false,
+        };
+        // Resources do not interact, so first try the disagreeing resource's steps alone
+        // (plus the disagreeing step itself, which may be a listing).
+        let (last, earlier) = best
+            .ops
+            .split_last()
+            .expect("a disagreeing history has steps");
+        if let Some(resource) = focus(last, &best.disagreement) {
+            let mut alone: Vec<Op> = earlier
+                .iter()
+                .filter(|o| o.resource() == Some(resource))
+                .cloned()
+                .collect();
+            alone.push(last.clone());
+            self.try_shorter(&mut best, alone).await;
+        }
+        // Then without the steps that only look (their answers agreed), but the last.
+        let (last, earlier) = best
+            .ops
+            .split_last()
+            .expect("a disagreeing history has steps");
+        let mut changing: Vec<Op> = earlier.iter().filter(|o| o.changes()).cloned().collect();
+        changing.push(last.clone());
+        self.try_shorter(&mut best, changing).await;
+        let mut chunk = best.ops.len().div_ceil(2);
         loop {
             let mut i = 0;
-            while i < ops.len() {
+            while i < best.ops.len() {
                 if Instant::now() > deadline {
-                    return (ops, false);
+                    return best;
                 }
-                let mut fewer = ops.clone();
-                fewer.drain(i..(i + chunk).min(ops.len()));
-                match self.replay(&fewer).await {
-                    Some(d) => {
-                        fewer.truncate(d.step + 1);
-                        ops = fewer;
-                    }
-                    None => i += chunk,
+                let mut fewer = best.ops.clone();
+                fewer.drain(i..(i + chunk).min(best.ops.len()));
+                if !self.try_shorter(&mut best, fewer).await {
+                    i += chunk;
                 }
             }
             if chunk == 1 {
-                return (ops, true);
+                best.minimal = true;
+                return best;
             }
             chunk = chunk.div_ceil(2);
         }
     }
+
+    /// Replays `ops`; if they still disagree, and are shorter, they become `best`.
+    async fn try_shorter(&mut self, best: &mut Shrunk, mut ops: Vec<Op>) -> bool {
+        if ops.len() >= best.ops.len() {
+            return false;
+        }
+        let Some(d) = self.replay(&ops).await else {
+            return false;
+        };
+        ops.truncate(d.step + 1);
+        best.ops = ops;
+        best.disagreement = d;
+        true
+    }
+}
+
+/// A shorter history that still disagrees.
+struct Shrunk {
+    ops: Vec<Op>,
+    disagreement: Disagreement,
+    /// No single step of `ops` can be removed.
+    minimal: bool,
+}
+
+/// The resource a disagreement is about: the step's own, or for a listing the first resource
+/// listed differently.
+fn focus(op: &Op, d: &Disagreement) -> Option<&'static str> {
+    if let Some(resource) = op.resource() {
+        return Some(resource);
+    }
+    let (Answer::List(m), Answer::List(r)) = (&d.memory, &d.redis) else {
+        return None;
+    };
+    let differs = m
+        .iter()
+        .filter(|e| !r.contains(e))
+        .chain(r.iter().filter(|e| !m.contains(e)))
+        .map(|e| e.0.as_str())
+        .next()?;
+    RESOURCES
+        .iter()
+        .map(|(name, _)| *name)
+        .find(|name| *name == differs)
 }
 
 /// The seeds to run: `LOCKD_DIFF_SEED`, or a fixed one plus random ones.
@@ -857,7 +945,7 @@ fn seeds() -> Vec<u64> {
     seeds
 }
 
-fn report(seed: u64, ops: &[Op], d: &Disagreement, shrunk: &[Op], minimal: bool) -> String {
+fn report(seed: u64, ops: &[Op], d: &Disagreement, shrunk: &Shrunk) -> String {
     let mut out = format!(
         "seed {seed} (rerun with LOCKD_DIFF_SEED={seed}): the backends disagree at step {} of {}\n  \
          op:     {}\n  memory: {:?}\n  redis:  {:?}\n  steps before (answer of both):\n",
@@ -867,20 +955,30 @@ fn report(seed: u64, ops: &[Op], d: &Disagreement, shrunk: &[Op], minimal: bool)
         d.memory,
         d.redis
     );
-    for i in d.step.saturating_sub(CONTEXT_STEPS)..d.step {
-        out += &format!("    {i:>3}. {}\n         -> {:?}\n", ops[i], d.before[i]);
+    let from = d.step.saturating_sub(CONTEXT_STEPS);
+    for (i, (op, both)) in ops.iter().zip(&d.before).enumerate().skip(from) {
+        out += &format!("    {i:>3}. {op}\n         -> {both:?}\n");
     }
     out += &format!(
         "  shrunk history that still disagrees ({} steps{}):\n",
-        shrunk.len(),
-        if minimal {
+        shrunk.ops.len(),
+        if shrunk.minimal {
             ", no single step can be removed"
         } else {
             ", shrinking ran out of time"
         }
     );
-    for (i, op) in shrunk.iter().enumerate() {
-        out += &format!("    {i:>3}. {op}\n");
+    let last = &shrunk.disagreement;
+    for (i, op) in shrunk.ops.iter().enumerate() {
+        match last.before.get(i) {
+            Some(both) => out += &format!("    {i:>3}. {op}\n         -> {both:?}\n"),
+            None => {
+                out += &format!(
+                    "    {i:>3}. {op}\n         memory -> {:?}\n         redis  -> {:?}\n",
+                    last.memory, last.redis
+                )
+            }
+        }
     }
     out
 }
@@ -905,8 +1003,8 @@ async fn memory_and_redis_backends_answer_the_same_random_history() {
             d.step,
             ops.len()
         );
-        let (shrunk, minimal) = backends.shrink(&ops[..=d.step]).await;
-        let text = report(seed, &ops, &d, &shrunk, minimal);
+        let shrunk = backends.shrink(&ops, d.clone()).await;
+        let text = report(seed, &ops, &d, &shrunk);
         println!("{text}");
         failures.push(text);
     }
