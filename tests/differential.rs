@@ -1211,6 +1211,18 @@ fn the_generator_is_deterministic_and_covers_every_kind_of_step() {
             ..
         }
     )));
+    assert!(has(&|o| matches!(
+        o,
+        Op::Extend {
+            ttl: ExtendTtl::NearMax,
+            ..
+        }
+    )));
+    for linger in [Linger::KeepUntilPast, Linger::KeepUntilLater] {
+        assert!(has(
+            &|o| matches!(o, Op::Release { hold, .. } if *hold == linger)
+        ));
+    }
     assert!(has(&|o| matches!(o, Op::List(_))));
     for kind in INVALID {
         assert!(
