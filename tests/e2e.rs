@@ -12,6 +12,7 @@ mod backend_semantics;
 mod client;
 mod conformance;
 mod contention;
+mod differential;
 mod fairness;
 mod keepalive;
 mod listing;
