@@ -103,7 +103,7 @@ async fn start_topology() -> Topology {
         client_proxies.push(cp);
     }
     Topology {
-        redis,
+        redis: Some(redis),
         lockds,
         redis_proxies,
         client_proxies,
@@ -111,7 +111,7 @@ async fn start_topology() -> Topology {
 }
 
 /// Runs the workload with faults for `secs` and returns the history and what is left running.
-async fn run(seed: u64, secs: u64, topology: Topology, restarts: bool) -> (History, Topology) {
+async fn run(seed: u64, secs: u64, topology: Topology) -> (History, Topology) {
     let mut rng = Rng::new(seed);
     let resources = resources();
     let limits: Vec<(String, u32)> = resources
@@ -135,7 +135,7 @@ async fn run(seed: u64, secs: u64, topology: Topology, restarts: bool) -> (Histo
         );
         tasks.push(tokio::spawn(client.run()));
     }
-    let injector = tokio::spawn(faults::inject(rng.fork(), rec.clone(), topology, until, restarts));
+    let injector = tokio::spawn(faults::inject(rng.fork(), rec.clone(), topology, until));
     for t in tasks {
         t.await.unwrap();
     }
@@ -146,7 +146,11 @@ async fn run(seed: u64, secs: u64, topology: Topology, restarts: bool) -> (Histo
 /// The figures a run prints.
 fn figures(seed: u64, secs: u64, h: &History, r: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "history: seed {seed}, {secs} s, {} calls", h.calls.len());
+    let _ = writeln!(
+        out,
+        "history: seed {seed}, {secs} s, {} calls",
+        h.calls.len()
+    );
     let mut ops: BTreeMap<&str, (usize, usize, usize)> = BTreeMap::new();
     for c in &h.calls {
         let e = ops.entry(c.kind()).or_default();
@@ -157,7 +161,10 @@ fn figures(seed: u64, secs: u64, h: &History, r: &Report) -> String {
             _ => {}
         }
     }
-    let _ = writeln!(out, "  operations (calls / granted or done / unknown outcome):");
+    let _ = writeln!(
+        out,
+        "  operations (calls / granted or done / unknown outcome):"
+    );
     for (k, (n, ok, failed)) in &ops {
         let _ = writeln!(out, "    {k:32} {n:6} {ok:6} {failed:6}");
     }
@@ -230,7 +237,11 @@ fn dump(seed: u64, label: &str, h: &History) -> std::path::PathBuf {
 fn judge(seed: u64, secs: u64, label: &str, h: &History) -> Option<String> {
     let report = checker::check(h);
     let path = dump(seed, label, h);
-    println!("== {label}\n{}  history written to {}", figures(seed, secs, h, &report), path.display());
+    println!(
+        "== {label}\n{}  history written to {}",
+        figures(seed, secs, h, &report),
+        path.display()
+    );
     (!report.violations.is_empty()).then(|| {
         format!(
             "{label}: {} violations (seed {seed}; replay with LOCKD_HISTORY_SEED={seed} LOCKD_HISTORY_SECS={secs}):\n{}",
@@ -248,83 +259,22 @@ async fn history_under_faults_has_no_double_grant_or_sleeping_waiter() {
     let (seed, secs) = settings();
     println!("history: seed {seed} (LOCKD_HISTORY_SEED), {secs} s (LOCKD_HISTORY_SECS)");
     let topology = start_topology().await;
-    let (history, topology) = run(seed, secs, topology, true).await;
+    let (history, topology) = run(seed, secs, topology).await;
     drop(topology);
     let mut failures: Vec<String> = judge(seed, secs, "redis", &history).into_iter().collect();
 
     // The embedded backend: one lockd, client-side faults only.
     let mem_secs = (secs / 4).max(5);
     let lockd = Lockd::start_with(None, &[("LOCKD_SHUTDOWN_GRACE", "1s")]).await;
-    let cp = Proxy::start("client proxy of the memory lockd", lockd.addr()).await;
-    let (history, _topology) = run_memory(seed ^ 0x6d65_6d6f_7279, mem_secs, lockd, cp).await;
+    let proxy = Proxy::start("client proxy of the memory lockd", lockd.addr()).await;
+    let topology = Topology {
+        redis: None,
+        lockds: vec![lockd],
+        redis_proxies: Vec::new(),
+        client_proxies: vec![proxy],
+    };
+    let (history, topology) = run(seed ^ 0x6d65_6d6f_7279, mem_secs, topology).await;
+    drop(topology);
     failures.extend(judge(seed, mem_secs, "memory", &history));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-/// The memory phase: the same workload through one proxy, faults on that proxy only.
-async fn run_memory(seed: u64, secs: u64, lockd: Lockd, cp: Proxy) -> (History, (Lockd, Proxy)) {
-    let mut rng = Rng::new(seed);
-    let resources = resources();
-    let limits: Vec<(String, u32)> = resources
-        .iter()
-        .map(|r| (r.name.clone(), r.limit))
-        .collect();
-    let rec = Recorder::new(&limits);
-    let until = Instant::now() + Duration::from_secs(secs);
-    let streams = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for id in 0..CLIENTS {
-        let client = Client::new(
-            id,
-            cp.url("http"),
-            rng.fork(),
-            rec.clone(),
-            resources.clone(),
-            until,
-            streams.clone(),
-        );
-        tasks.push(tokio::spawn(client.run()));
-    }
-    let proxy = Arc::new(cp);
-    let injector = {
-        let (proxy, rec) = (proxy.clone(), rec.clone());
-        let mut rng = rng.fork();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            while Instant::now() + Duration::from_secs(4) < until {
-                let start = rec.now();
-                let kind = match rng.below(3) {
-                    0 => {
-                        proxy.set_latency(Duration::from_millis(rng.range(100, 400)));
-                        tokio::time::sleep(Duration::from_millis(rng.range(1000, 2500))).await;
-                        proxy.set_latency(Duration::ZERO);
-                        faults::KINDS[3]
-                    }
-                    1 => {
-                        proxy.reset_all();
-                        faults::KINDS[4]
-                    }
-                    _ => {
-                        let period = Duration::from_millis(rng.range(1000, 2500));
-                        proxy.black_hole(period);
-                        tokio::time::sleep(period).await;
-                        faults::KINDS[5]
-                    }
-                };
-                rec.fault(Fault {
-                    kind,
-                    target: proxy.name.clone(),
-                    start,
-                    end: rec.now(),
-                });
-                tokio::time::sleep(Duration::from_millis(rng.range(1500, 4000))).await;
-            }
-        })
-    };
-    for t in tasks {
-        t.await.unwrap();
-    }
-    injector.await.unwrap();
-    let proxy = Arc::into_inner(proxy).unwrap();
-    (rec.take(), (lockd, proxy))
 }

@@ -236,7 +236,13 @@ fn beliefs(h: &History, order: &[usize], report: &mut Report) -> Vec<Belief> {
                     Some(c) if c.fence == fence => renew(&mut out, &key, c, call, g),
                     existing => {
                         if let Some(c) = existing {
-                            finish(&mut out, &key, c, call.reply, "granted again with another fence");
+                            finish(
+                                &mut out,
+                                &key,
+                                c,
+                                call.reply,
+                                "granted again with another fence",
+                            );
                         }
                         cur.insert(
                             key.clone(),
@@ -250,6 +256,19 @@ fn beliefs(h: &History, order: &[usize], report: &mut Report) -> Vec<Belief> {
                     }
                 }
             }
+            // A re-acquire or a replacing extend that may or may not have run: if it ran, it set
+            // the remaining time to its TTL, possibly shorter than before.
+            (Op::Acquire { ttl, .. }, Outcome::Failed(_))
+            | (
+                Op::Extend {
+                    ttl, replace: true, ..
+                },
+                Outcome::Failed(_),
+            ) => {
+                if let Some(c) = cur.get_mut(&key) {
+                    c.expiry = c.expiry.min(call.send + ttl);
+                }
+            }
             (Op::Acquire { .. }, Outcome::NotGranted) => {
                 if let Some(c) = cur.get_mut(&key) {
                     finish(&mut out, &key, c, call.reply, "re-acquire refused");
@@ -261,7 +280,8 @@ fn beliefs(h: &History, order: &[usize], report: &mut Report) -> Vec<Belief> {
                     c.streams.clear();
                 }
             }
-            (Op::Extend { .. }, Outcome::Granted(g)) | (Op::KeepAlive { .. }, Outcome::Granted(g)) => {
+            (Op::Extend { .. }, Outcome::Granted(g))
+            | (Op::KeepAlive { .. }, Outcome::Granted(g)) => {
                 if let Some(c) = cur.get_mut(&key) {
                     if let Some(f) = g.fence
                         && f != 0
@@ -389,10 +409,11 @@ fn overlaps(h: &History, beliefs: &[Belief], report: &mut Report) {
                 }
                 let until = set.iter().map(|&a| list[a].end).min().unwrap_or(t);
                 let mut text = format!(
-                    "{} leases believed at once (limit {limit}) from {} to {}:",
+                    "{} leases believed at once (limit {limit}) from {} to {} ({}):",
                     set.len(),
                     fmt_t(t),
-                    fmt_t(until)
+                    fmt_t(until),
+                    fmt_d(until.saturating_sub(t))
                 );
                 for &a in &set {
                     let _ = write!(text, "\n    {}", describe_belief(h, list[a]));
@@ -854,10 +875,38 @@ mod tests {
     /// A holds the mutex 0–100 ms and releases it; B waits and gets it 5 ms after the release.
     fn clean() -> History {
         let mut h = history(&[("m", 1)]);
-        h.push(0, "m", acquire("a", 1000, 0, false), ms(0), ms(2), granted("a", 1, 1000));
-        h.push(1, "m", acquire("", 1000, 2000, false), ms(10), ms(105), granted("b", 2, 1000));
-        h.push(0, "m", release("a"), ms(100), ms(101), Outcome::Released { frees_at: None });
-        h.push(1, "m", release("b"), ms(300), ms(301), Outcome::Released { frees_at: None });
+        h.push(
+            0,
+            "m",
+            acquire("a", 1000, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 1, 1000),
+        );
+        h.push(
+            1,
+            "m",
+            acquire("", 1000, 2000, false),
+            ms(10),
+            ms(105),
+            granted("b", 2, 1000),
+        );
+        h.push(
+            0,
+            "m",
+            release("a"),
+            ms(100),
+            ms(101),
+            Outcome::Released { frees_at: None },
+        );
+        h.push(
+            1,
+            "m",
+            release("b"),
+            ms(300),
+            ms(301),
+            Outcome::Released { frees_at: None },
+        );
         h
     }
 
@@ -872,31 +921,91 @@ mod tests {
     #[test]
     fn two_clients_believing_they_hold_one_mutex_is_flagged() {
         let mut h = history(&[("m", 1)]);
-        h.push(0, "m", acquire("a", 1000, 0, false), ms(0), ms(2), granted("a", 1, 1000));
+        h.push(
+            0,
+            "m",
+            acquire("a", 1000, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 1, 1000),
+        );
         // B is granted while A's lease (TTL 1 s from 0 ms) is still believed.
-        h.push(1, "m", acquire("b", 1000, 0, false), ms(200), ms(202), granted("b", 2, 1000));
+        h.push(
+            1,
+            "m",
+            acquire("b", 1000, 0, false),
+            ms(200),
+            ms(202),
+            granted("b", 2, 1000),
+        );
         let r = check(&h);
         assert_eq!(r.count(Kind::Overlap), 1, "{}", r.describe());
-        assert!(r.violations[0].text.contains("from 0.202s to 1.000s"), "{}", r.describe());
+        assert!(
+            r.violations[0].text.contains("from 0.202s to 1.000s"),
+            "{}",
+            r.describe()
+        );
     }
 
     #[test]
     fn a_semaphore_may_have_limit_holders_but_not_more() {
         let mut h = history(&[("s", 2)]);
-        h.push(0, "s", acquire("a", 1000, 0, false), ms(0), ms(2), granted("a", 1, 1000));
-        h.push(1, "s", acquire("b", 1000, 0, false), ms(10), ms(12), granted("b", 2, 1000));
+        h.push(
+            0,
+            "s",
+            acquire("a", 1000, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 1, 1000),
+        );
+        h.push(
+            1,
+            "s",
+            acquire("b", 1000, 0, false),
+            ms(10),
+            ms(12),
+            granted("b", 2, 1000),
+        );
         assert!(check(&h).violations.is_empty());
-        h.push(2, "s", acquire("c", 1000, 0, false), ms(20), ms(22), granted("c", 3, 1000));
+        h.push(
+            2,
+            "s",
+            acquire("c", 1000, 0, false),
+            ms(20),
+            ms(22),
+            granted("c", 3, 1000),
+        );
         assert_eq!(check(&h).count(Kind::Overlap), 1);
     }
 
     #[test]
     fn a_lease_taken_after_the_holders_release_was_sent_is_no_overlap() {
         let mut h = history(&[("m", 1)]);
-        h.push(0, "m", acquire("a", 1000, 0, false), ms(0), ms(2), granted("a", 1, 1000));
+        h.push(
+            0,
+            "m",
+            acquire("a", 1000, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 1, 1000),
+        );
         // A's release is sent at 100 ms but its reply is lost: A no longer believes after 100 ms.
-        h.push(0, "m", release("a"), ms(100), ms(900), Outcome::Failed("Unavailable".into()));
-        h.push(1, "m", acquire("b", 1000, 0, false), ms(150), ms(152), granted("b", 2, 1000));
+        h.push(
+            0,
+            "m",
+            release("a"),
+            ms(100),
+            ms(900),
+            Outcome::Failed("Unavailable".into()),
+        );
+        h.push(
+            1,
+            "m",
+            acquire("b", 1000, 0, false),
+            ms(150),
+            ms(152),
+            granted("b", 2, 1000),
+        );
         let r = check(&h);
         assert_eq!(r.count(Kind::Overlap), 0, "{}", r.describe());
     }
@@ -904,31 +1013,140 @@ mod tests {
     #[test]
     fn a_lease_renewed_by_a_newer_keepalive_stream_outlives_the_older_streams_close() {
         let mut h = history(&[("m", 1)]);
-        h.push(0, "m", acquire("a", 500, 0, false), ms(0), ms(2), granted("a", 1, 500));
-        h.push(0, "m", ka(1, "a", KaMsg::Keep), ms(10), ms(12), granted("a", 1, 500));
-        h.push(0, "m", ka(2, "a", KaMsg::Keep), ms(100), ms(102), granted("a", 1, 500));
-        h.push(0, "m", ka(1, "a", KaMsg::Kill), ms(150), ms(150), Outcome::Sent);
+        h.push(
+            0,
+            "m",
+            acquire("a", 500, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 1, 500),
+        );
+        h.push(
+            0,
+            "m",
+            ka(1, "a", KaMsg::Keep),
+            ms(10),
+            ms(12),
+            granted("a", 1, 500),
+        );
+        h.push(
+            0,
+            "m",
+            ka(2, "a", KaMsg::Keep),
+            ms(100),
+            ms(102),
+            granted("a", 1, 500),
+        );
+        h.push(
+            0,
+            "m",
+            ka(1, "a", KaMsg::Kill),
+            ms(150),
+            ms(150),
+            Outcome::Sent,
+        );
         // Stream 2 still keeps the lease: a grant to B at 300 ms is a double grant...
-        h.push(1, "m", acquire("b", 500, 0, false), ms(290), ms(300), granted("b", 2, 500));
+        h.push(
+            1,
+            "m",
+            acquire("b", 500, 0, false),
+            ms(290),
+            ms(300),
+            granted("b", 2, 500),
+        );
         let r = check(&h);
         assert_eq!(r.count(Kind::Overlap), 1, "{}", r.describe());
         // ...but not once the last stream is killed too.
         let mut h2 = history(&[("m", 1)]);
         for c in h.calls.iter().take(4) {
-            h2.push(c.client, &c.resource, c.op.clone(), c.send, c.reply, c.outcome.clone());
+            h2.push(
+                c.client,
+                &c.resource,
+                c.op.clone(),
+                c.send,
+                c.reply,
+                c.outcome.clone(),
+            );
         }
-        h2.push(0, "m", ka(2, "a", KaMsg::Kill), ms(200), ms(200), Outcome::Sent);
-        h2.push(1, "m", acquire("b", 500, 0, false), ms(290), ms(300), granted("b", 2, 500));
+        h2.push(
+            0,
+            "m",
+            ka(2, "a", KaMsg::Kill),
+            ms(200),
+            ms(200),
+            Outcome::Sent,
+        );
+        h2.push(
+            1,
+            "m",
+            acquire("b", 500, 0, false),
+            ms(290),
+            ms(300),
+            granted("b", 2, 500),
+        );
         let r = check(&h2);
+        assert!(r.violations.is_empty(), "{}", r.describe());
+    }
+
+    #[test]
+    fn a_re_acquire_with_an_unknown_outcome_may_have_shortened_the_lease() {
+        let mut h = history(&[("m", 1)]);
+        h.push(
+            0,
+            "m",
+            acquire("a", 5000, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 1, 5000),
+        );
+        // It may have run, setting the remaining time to 300 ms from about 100 ms.
+        h.push(
+            0,
+            "m",
+            acquire("a", 300, 0, false),
+            ms(100),
+            ms(600),
+            Outcome::Failed("Unavailable".into()),
+        );
+        h.push(
+            1,
+            "m",
+            acquire("b", 1000, 0, false),
+            ms(700),
+            ms(702),
+            granted("b", 2, 1000),
+        );
+        let r = check(&h);
         assert!(r.violations.is_empty(), "{}", r.describe());
     }
 
     #[test]
     fn a_fencing_token_that_goes_backwards_is_flagged() {
         let mut h = history(&[("m", 1)]);
-        h.push(0, "m", acquire("a", 1000, 0, false), ms(0), ms(2), granted("a", 5, 1000));
-        h.push(0, "m", release("a"), ms(50), ms(52), Outcome::Released { frees_at: None });
-        h.push(1, "m", acquire("b", 1000, 0, false), ms(60), ms(62), granted("b", 3, 1000));
+        h.push(
+            0,
+            "m",
+            acquire("a", 1000, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 5, 1000),
+        );
+        h.push(
+            0,
+            "m",
+            release("a"),
+            ms(50),
+            ms(52),
+            Outcome::Released { frees_at: None },
+        );
+        h.push(
+            1,
+            "m",
+            acquire("b", 1000, 0, false),
+            ms(60),
+            ms(62),
+            granted("b", 3, 1000),
+        );
         let r = check(&h);
         assert_eq!(r.count(Kind::Fencing), 1, "{}", r.describe());
         assert_eq!(r.count(Kind::Overlap), 0);
@@ -937,9 +1155,30 @@ mod tests {
     #[test]
     fn a_re_acquire_with_the_same_token_keeps_its_fence_without_a_violation() {
         let mut h = history(&[("m", 1)]);
-        h.push(0, "m", acquire("a", 1000, 0, false), ms(0), ms(2), granted("a", 5, 1000));
-        h.push(0, "m", acquire("a", 1000, 0, false), ms(500), ms(502), granted("a", 5, 1000));
-        h.push(0, "m", release("a"), ms(900), ms(902), Outcome::Released { frees_at: None });
+        h.push(
+            0,
+            "m",
+            acquire("a", 1000, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 5, 1000),
+        );
+        h.push(
+            0,
+            "m",
+            acquire("a", 1000, 0, false),
+            ms(500),
+            ms(502),
+            granted("a", 5, 1000),
+        );
+        h.push(
+            0,
+            "m",
+            release("a"),
+            ms(900),
+            ms(902),
+            Outcome::Released { frees_at: None },
+        );
         let r = check(&h);
         assert!(r.violations.is_empty(), "{}", r.describe());
         assert_eq!(r.beliefs, 1);
@@ -949,8 +1188,22 @@ mod tests {
     /// gets `acquired: false`.
     fn sleeper() -> History {
         let mut h = history(&[("m", 1)]);
-        h.push(0, "m", acquire("a", 300, 0, false), ms(0), ms(2), granted("a", 1, 300));
-        h.push(1, "m", acquire("", 1000, 2000, false), ms(20), ms(2020), Outcome::NotGranted);
+        h.push(
+            0,
+            "m",
+            acquire("a", 300, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 1, 300),
+        );
+        h.push(
+            1,
+            "m",
+            acquire("", 1000, 2000, false),
+            ms(20),
+            ms(2020),
+            Outcome::NotGranted,
+        );
         h
     }
 
@@ -958,7 +1211,11 @@ mod tests {
     fn a_waiter_that_sleeps_while_the_lock_is_free_is_flagged() {
         let r = check(&sleeper());
         assert_eq!(r.count(Kind::SleepingWaiter), 1, "{}", r.describe());
-        assert!(r.violations[0].text.contains("from 0.302s to 2.020s"), "{}", r.describe());
+        assert!(
+            r.violations[0].text.contains("from 0.302s to 2.020s"),
+            "{}",
+            r.describe()
+        );
     }
 
     #[test]
@@ -975,18 +1232,36 @@ mod tests {
         assert!(r.violations.is_empty(), "{}", r.describe());
 
         let mut h = sleeper();
-        h.push(2, "m", acquire("", 1000, 3000, true), ms(10), ms(3010), Outcome::NotGranted);
+        h.push(
+            2,
+            "m",
+            acquire("", 1000, 3000, true),
+            ms(10),
+            ms(3010),
+            Outcome::NotGranted,
+        );
         let r = check(&h);
         // The fair waiter may have been ahead of client 1, but nobody was ahead of it.
         assert_eq!(r.count(Kind::SleepingWaiter), 1, "{}", r.describe());
-        assert!(r.violations[0].text.contains("client 2"), "{}", r.describe());
+        assert!(
+            r.violations[0].text.contains("client 2"),
+            "{}",
+            r.describe()
+        );
     }
 
     #[test]
     fn an_acquire_with_an_unknown_outcome_may_hold_the_lock_until_its_ttl() {
         let mut h = sleeper();
         // Failed at 30 ms: it may have been granted, and live until 30 + 1500 + 5000 + 1000 ms.
-        h.push(2, "m", acquire("", 5000, 1000, false), ms(25), ms(30), Outcome::Failed("Unavailable".into()));
+        h.push(
+            2,
+            "m",
+            acquire("", 5000, 1000, false),
+            ms(25),
+            ms(30),
+            Outcome::Failed("Unavailable".into()),
+        );
         let r = check(&h);
         assert!(r.violations.is_empty(), "{}", r.describe());
     }
@@ -994,7 +1269,14 @@ mod tests {
     #[test]
     fn a_call_answered_long_after_its_wait_is_flagged_unless_a_fault_explains_it() {
         let mut h = clean();
-        h.push(2, "x", acquire("", 1000, 1000, false), ms(0), ms(3500), Outcome::Failed("DeadlineExceeded".into()));
+        h.push(
+            2,
+            "x",
+            acquire("", 1000, 1000, false),
+            ms(0),
+            ms(3500),
+            Outcome::Failed("DeadlineExceeded".into()),
+        );
         let r = check(&h);
         assert_eq!(r.count(Kind::LateCall), 1, "{}", r.describe());
         h.faults.push(Fault {

@@ -114,7 +114,9 @@ impl Call {
     /// The operation's name, for figures.
     pub fn kind(&self) -> &'static str {
         match &self.op {
-            Op::Acquire { token, wait, fair, .. } => match (*wait > 0, *fair, token.is_empty()) {
+            Op::Acquire {
+                token, wait, fair, ..
+            } => match (*wait > 0, *fair, token.is_empty()) {
                 (false, _, true) => "acquire (try, generated token)",
                 (false, _, false) => "acquire (try, own token)",
                 (true, true, _) => "acquire (fair wait)",
@@ -181,4 +183,13 @@ impl History {
 /// `12.345s`, for messages.
 pub fn fmt_t(t: Micros) -> String {
     format!("{}.{:03}s", t / SEC, (t % SEC) / MS)
+}
+
+/// `1234 ms`, or `87 µs` below a millisecond, for messages.
+pub fn fmt_d(d: Micros) -> String {
+    if d < MS {
+        format!("{d} µs")
+    } else {
+        format!("{} ms", d / MS)
+    }
 }

@@ -78,8 +78,7 @@ impl Recorder {
 
     /// A reply's `expires_at` (Redis `TIME`, the wall clock of this machine) on the run's clock.
     pub fn local(&self, at: &prost_types::Timestamp) -> Micros {
-        let target = UNIX_EPOCH
-            + Duration::new(at.seconds.max(0) as u64, at.nanos.max(0) as u32);
+        let target = UNIX_EPOCH + Duration::new(at.seconds.max(0) as u64, at.nanos.max(0) as u32);
         let wall = SystemTime::now();
         let now = self.now();
         match target.duration_since(wall) {
@@ -262,10 +261,7 @@ impl Client {
             20..30 => {
                 let ttl = self.ttl();
                 let token = h.token.clone();
-                match self.acquire(&h.resource, token, ttl, 0, false).await {
-                    Some(again) => Some(again),
-                    None => None,
-                }
+                self.acquire(&h.resource, token, ttl, 0, false).await
             }
             30..50 => {
                 let ttl = self.rng.range(300, 2000) * MS;
@@ -274,10 +270,7 @@ impl Client {
             }
             50..64 => self.keepalive_session(h).await,
             64..94 => {
-                let min_hold = self
-                    .rng
-                    .chance(33)
-                    .then(|| self.rng.range(100, 1500) * MS);
+                let min_hold = self.rng.chance(33).then(|| self.rng.range(100, 1500) * MS);
                 self.release(&h, min_hold).await;
                 None
             }
@@ -333,8 +326,7 @@ impl Client {
             Ok(_) => (Outcome::NotGranted, None),
             Err(e) => (Outcome::Failed(e), None),
         };
-        self.rec
-            .record(self.id, &resource.name, op, send, outcome);
+        self.rec.record(self.id, &resource.name, op, send, outcome);
         held
     }
 
@@ -365,7 +357,8 @@ impl Client {
             token: h.token.clone(),
             min_hold,
         };
-        self.rec.record(self.id, &h.resource.name, op, send, outcome);
+        self.rec
+            .record(self.id, &h.resource.name, op, send, outcome);
     }
 
     async fn extend(&mut self, h: Held, ttl: Micros, replace: bool) -> Option<Held> {
@@ -399,7 +392,8 @@ impl Client {
             ttl,
             replace,
         };
-        self.rec.record(self.id, &h.resource.name, op, send, outcome);
+        self.rec
+            .record(self.id, &h.resource.name, op, send, outcome);
         keep.then_some(h)
     }
 
@@ -493,7 +487,8 @@ impl Client {
             Err(e) => Outcome::Failed(e),
         };
         let ok = matches!(outcome, Outcome::Granted(_));
-        self.rec.record(self.id, &h.resource.name, op, send, outcome);
+        self.rec
+            .record(self.id, &h.resource.name, op, send, outcome);
         ok.then_some(stream)
     }
 
@@ -510,10 +505,7 @@ impl Client {
                 Err(_) => Err("local deadline".into()),
             };
         let state = match msg {
-            Ok(Some(m)) => m
-                .leases
-                .into_iter()
-                .find(|l| l.resource == h.resource.name),
+            Ok(Some(m)) => m.leases.into_iter().find(|l| l.resource == h.resource.name),
             Ok(None) => return Outcome::Failed("stream ended".into()),
             Err(e) => return Outcome::Failed(e),
         };
@@ -546,7 +538,8 @@ impl Client {
                 Outcome::Failed("request stream closed".into())
             };
             let ok = matches!(outcome, Outcome::Granted(_));
-            self.rec.record(self.id, &h.resource.name, op, send, outcome);
+            self.rec
+                .record(self.id, &h.resource.name, op, send, outcome);
             if !ok {
                 return false;
             }
@@ -569,7 +562,8 @@ impl Client {
                 } else {
                     Outcome::Failed("request stream closed".into())
                 };
-                self.rec.record(self.id, &h.resource.name, op, send, outcome);
+                self.rec
+                    .record(self.id, &h.resource.name, op, send, outcome);
                 false
             }
             KaMsg::Close => {
