@@ -10,7 +10,9 @@
 //! judges the recorded history offline.
 //!
 //! `LOCKD_HISTORY_SEED` and `LOCKD_HISTORY_SECS` (default 60) replay or lengthen a run;
-//! `scripts/history [SECS] [SEED]` runs a long one.
+//! `scripts/history [SECS] [SEED]` runs a long one. Each run prints its seed and figures, and
+//! writes the whole history to `$TMPDIR/lockd-history-<seed>-<phase>.txt` to read a violation
+//! against.
 
 // A test harness: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -59,6 +61,12 @@ fn resources() -> Vec<Resource> {
         limit: 2,
     });
     r
+}
+
+/// `LOCKD_HISTORY_HANDOVER=off` leaves KeepAlive stream hand-overs out of the workload, to look
+/// past the violations they cause.
+fn handover() -> bool {
+    std::env::var("LOCKD_HISTORY_HANDOVER").map_or(true, |v| v != "off")
 }
 
 fn settings() -> (u64, u64) {
@@ -124,7 +132,7 @@ async fn run(seed: u64, secs: u64, topology: Topology) -> (History, Topology) {
     let mut tasks = Vec::new();
     for id in 0..CLIENTS {
         let endpoint = topology.client_proxies[id % topology.client_proxies.len()].url("http");
-        let client = Client::new(
+        let mut client = Client::new(
             id,
             endpoint,
             rng.fork(),
@@ -133,6 +141,7 @@ async fn run(seed: u64, secs: u64, topology: Topology) -> (History, Topology) {
             until,
             streams.clone(),
         );
+        client.handover = handover();
         tasks.push(tokio::spawn(client.run()));
     }
     let injector = tokio::spawn(faults::inject(rng.fork(), rec.clone(), topology, until));
@@ -177,7 +186,12 @@ fn figures(seed: u64, secs: u64, h: &History, r: &Report) -> String {
         let _ = writeln!(out, "    {k:32} {n:6}");
     }
     let _ = writeln!(out, "  leases believed by clients: {}", r.beliefs);
-    let _ = writeln!(out, "  overlaps found: {}", r.count(Kind::Overlap));
+    let _ = writeln!(
+        out,
+        "  overlaps found: {} ({} after a KeepAlive stream hand-over)",
+        r.count(Kind::Overlap),
+        r.overlaps_after_handover
+    );
     let _ = writeln!(out, "  fencing violations: {}", r.count(Kind::Fencing));
     let _ = writeln!(
         out,
@@ -186,6 +200,13 @@ fn figures(seed: u64, secs: u64, h: &History, r: &Report) -> String {
         r.count(Kind::SleepingWaiter),
         r.waits_judged
     );
+    if let Some((d, call)) = r.longest_unserved_free {
+        let _ = writeln!(
+            out,
+            "  longest free stretch a waiter slept through outside faults: {} ms (call #{call})",
+            d / MS
+        );
+    }
     let _ = match r.longest_wakeup {
         Some((d, call)) => writeln!(
             out,

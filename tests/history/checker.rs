@@ -81,6 +81,12 @@ pub struct Report {
     pub longest_wakeup: Option<(Micros, usize)>,
     /// Waiting acquires judged for wake-ups (definite answer).
     pub waits_judged: usize,
+    /// Overlaps in which a client still believed in a lease after closing or killing one of its
+    /// KeepAlive streams while a newer stream kept it.
+    pub overlaps_after_handover: usize,
+    /// The longest stretch, outside faults, during which a waiter that was not served then saw
+    /// the resource definitely free (at most [`WAKE_BOUND`] unless flagged), and the call.
+    pub longest_unserved_free: Option<(Micros, usize)>,
 }
 
 impl Report {
@@ -110,6 +116,9 @@ struct Belief {
     /// The call whose reply started it, and why it ended.
     from_call: usize,
     why_end: String,
+    /// KeepAlive streams of this lease that the client closed or killed while a newer stream
+    /// kept it: (when, what).
+    handovers: Vec<(Micros, String)>,
 }
 
 /// A stretch during which lockd may count a lease (or a fair waiter's queue entry).
@@ -178,6 +187,8 @@ struct Cur {
     expiry: Micros,
     /// KeepAlive streams that keep this lease now.
     streams: Vec<usize>,
+    /// Hand-overs during the current belief (see [`Belief::handovers`]).
+    handovers: Vec<(Micros, String)>,
 }
 
 fn beliefs(h: &History, order: &[usize], report: &mut Report) -> Vec<Belief> {
@@ -204,9 +215,11 @@ fn beliefs(h: &History, order: &[usize], report: &mut Report) -> Vec<Belief> {
                     end,
                     from_call,
                     why_end,
+                    handovers: std::mem::take(&mut c.handovers),
                 });
             }
         }
+        c.handovers.clear();
     };
     // A successful renewal: the belief continues, or starts again at the reply if it had run out.
     let renew = |out: &mut Vec<Belief>,
@@ -251,6 +264,7 @@ fn beliefs(h: &History, order: &[usize], report: &mut Report) -> Vec<Belief> {
                                 believing: Some((call.reply, call.id)),
                                 expiry: believed_expiry(call.send, g),
                                 streams: Vec::new(),
+                                handovers: Vec::new(),
                             },
                         );
                     }
@@ -349,6 +363,17 @@ fn beliefs(h: &History, order: &[usize], report: &mut Report) -> Vec<Belief> {
                                 "keepalive: stream killed"
                             };
                             finish(&mut out, &key, c, call.send, why);
+                        } else if !c.streams.is_empty() && c.believing.is_some() {
+                            c.handovers.push((
+                                call.send,
+                                format!(
+                                    "its KeepAlive stream {stream} was {} at {} (call #{}) while newer stream {:?} kept it",
+                                    if *msg == KaMsg::Close { "closed" } else { "killed" },
+                                    fmt_t(call.send),
+                                    call.id,
+                                    c.streams
+                                ),
+                            ));
                         }
                     }
                     _ => {}
@@ -415,8 +440,18 @@ fn overlaps(h: &History, beliefs: &[Belief], report: &mut Report) {
                     fmt_t(until),
                     fmt_d(until.saturating_sub(t))
                 );
+                let mut after_handover = false;
                 for &a in &set {
                     let _ = write!(text, "\n    {}", describe_belief(h, list[a]));
+                    for (when, what) in &list[a].handovers {
+                        if *when <= t {
+                            after_handover = true;
+                            let _ = write!(text, "\n      (client {}: {what})", list[a].client);
+                        }
+                    }
+                }
+                if after_handover {
+                    report.overlaps_after_handover += 1;
                 }
                 report.violations.push(Violation {
                     kind: Kind::Overlap,
@@ -745,6 +780,10 @@ fn sleeping_waiters(h: &History, order: &[usize], report: &mut Report) {
             report.longest_wakeup = Some((e - s, call.id));
         }
         for (s, e) in stretches {
+            let served_at_end = granted && e == call.reply;
+            if !served_at_end && report.longest_unserved_free.is_none_or(|(d, _)| e - s > d) {
+                report.longest_unserved_free = Some((e - s, call.id));
+            }
             if e - s <= WAKE_BOUND {
                 continue;
             }
@@ -1056,6 +1095,12 @@ mod tests {
         );
         let r = check(&h);
         assert_eq!(r.count(Kind::Overlap), 1, "{}", r.describe());
+        assert_eq!(r.overlaps_after_handover, 1);
+        assert!(
+            r.violations[0].text.contains("stream 1 was killed"),
+            "{}",
+            r.describe()
+        );
         // ...but not once the last stream is killed too.
         let mut h2 = history(&[("m", 1)]);
         for c in h.calls.iter().take(4) {

@@ -178,6 +178,8 @@ pub struct Client {
     pub resources: Vec<Resource>,
     pub until: Instant,
     pub streams: Arc<AtomicUsize>,
+    /// Whether KeepAlive sessions sometimes hand their lease over to a second stream.
+    pub handover: bool,
     raw: LockServiceClient<Channel>,
     next_token: u64,
 }
@@ -201,6 +203,7 @@ impl Client {
             resources,
             until,
             streams,
+            handover: true,
             raw,
             next_token: 0,
         }
@@ -406,7 +409,7 @@ impl Client {
         if !self.heartbeats(&h, &mut stream).await {
             return None;
         }
-        if self.rng.chance(30) {
+        if self.rng.chance(30) && self.handover {
             // A second stream takes the lease over; the first one goes away.
             let mut newer = self.open_stream(&h, ttl, expire_on_close).await?;
             let how = if self.rng.chance(50) {
