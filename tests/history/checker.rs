@@ -127,6 +127,9 @@ struct Live {
     start: Micros,
     end: Micros,
     call: usize,
+    /// For a fair waiter: it answered definitely, outside every fault, so its queue entry lived
+    /// only while it waited (else it may have outlived it by up to [`FAIR_STALE`]).
+    clean: bool,
 }
 
 /// Runs every check.
@@ -534,6 +537,17 @@ fn latest_arrival(h: &History, call: &Call) -> Micros {
     t + RECOVERY
 }
 
+/// The earliest moment a granted lease may have started: its send, or later when the reply's
+/// `expires_at` minus its TTL (the grant's Redis time) says so, less [`CLOCK_SLACK`]. Without
+/// this, a waiter that was granted in the end would count as holding the lock all through its
+/// wait, and hide every sleeping waiter beside it.
+fn grant_floor(call: &Call, g: &Grant) -> Micros {
+    let by_clock = g
+        .expires
+        .map_or(0, |e| e.saturating_sub(g.ttl + CLOCK_SLACK));
+    call.send.max(by_clock.min(call.reply))
+}
+
 /// Per resource: possibly-live leases and possibly-queued fair waiters.
 fn live_sets(h: &History, order: &[usize]) -> BTreeMap<String, (Vec<Live>, Vec<Live>)> {
     struct Ub {
@@ -554,6 +568,7 @@ fn live_sets(h: &History, order: &[usize]) -> BTreeMap<String, (Vec<Live>, Vec<L
                 start: u.start,
                 end,
                 call: u.call,
+                clean: false,
             },
         ));
     };
@@ -570,7 +585,8 @@ fn live_sets(h: &History, order: &[usize]) -> BTreeMap<String, (Vec<Live>, Vec<L
         {
             if *fair && *wait > 0 {
                 let definite = matches!(call.outcome, Outcome::Granted(_) | Outcome::NotGranted);
-                let end = if definite && !overlaps_fault(h, call.send, call.reply) {
+                let clean = definite && !overlaps_fault(h, call.send, call.reply);
+                let end = if clean {
                     call.reply
                 } else {
                     latest_arrival(h, call) + wait + FAIR_STALE
@@ -579,6 +595,7 @@ fn live_sets(h: &History, order: &[usize]) -> BTreeMap<String, (Vec<Live>, Vec<L
                     start: call.send,
                     end,
                     call: call.id,
+                    clean,
                 });
             }
             if let Outcome::Failed(_) = call.outcome {
@@ -588,6 +605,7 @@ fn live_sets(h: &History, order: &[usize]) -> BTreeMap<String, (Vec<Live>, Vec<L
                         start: call.send,
                         end: latest_arrival(h, call) + wait + ttl + CLOCK_SLACK,
                         call: call.id,
+                        clean: false,
                     },
                 ));
             }
@@ -607,7 +625,7 @@ fn live_sets(h: &History, order: &[usize]) -> BTreeMap<String, (Vec<Live>, Vec<L
                         cur.insert(
                             key,
                             Ub {
-                                start: call.send,
+                                start: grant_floor(call, g),
                                 call: call.id,
                                 fence,
                                 expiry: call.reply + g.ttl,
@@ -766,9 +784,13 @@ fn sleeping_waiters(h: &History, order: &[usize], report: &mut Report) {
             .iter()
             .filter(|l| l.call != call.id && l.start < call.reply && l.end > call.send)
             .collect();
+        // Fair waiters that may be ahead: any that may have left a stale entry; a fair waiter
+        // still waiting is ahead of a plain waiter, and of a fair waiter that came after it.
+        let fair = matches!(call.op, Op::Acquire { fair: true, .. });
         let queued: Vec<&Live> = queued
             .iter()
             .filter(|q| q.call != call.id && q.start < call.reply && q.end > call.send)
+            .filter(|q| !q.clean || !fair || q.start < call.send)
             .collect();
         let limit = limit(h, &call.resource) as usize;
         let stretches = free_stretches(h, &live, &queued, limit, call.send, call.reply);
@@ -1293,6 +1315,50 @@ mod tests {
             "{}",
             r.describe()
         );
+    }
+
+    #[test]
+    fn a_waiter_granted_late_does_not_hide_the_waiter_beside_it() {
+        let mut h = sleeper();
+        // Client 2 also waits from 30 ms and is granted at 1.9 s: its lease says (expires_at
+        // minus TTL) that it was granted at 1.899 s, not at any time since 30 ms.
+        let late = Outcome::Granted(Grant {
+            token: "c".into(),
+            fence: Some(2),
+            ttl: ms(1000),
+            expires: Some(ms(2899)),
+        });
+        h.push(
+            2,
+            "m",
+            acquire("", 1000, 2500, false),
+            ms(30),
+            ms(1900),
+            late,
+        );
+        let r = check(&h);
+        assert_eq!(r.count(Kind::SleepingWaiter), 2, "{}", r.describe());
+        assert!(r.describe().contains("client 1"), "{}", r.describe());
+        assert!(
+            r.describe().contains("granted only later"),
+            "{}",
+            r.describe()
+        );
+    }
+
+    #[test]
+    fn a_fair_waiter_with_an_unknown_outcome_may_leave_a_queue_entry_behind() {
+        let mut h = sleeper();
+        h.push(
+            2,
+            "m",
+            acquire("", 1000, 500, true),
+            ms(10),
+            ms(40),
+            Outcome::Failed("Unavailable".into()),
+        );
+        let r = check(&h);
+        assert!(r.violations.is_empty(), "{}", r.describe());
     }
 
     #[test]
