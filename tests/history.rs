@@ -188,9 +188,10 @@ fn figures(seed: u64, secs: u64, h: &History, r: &Report) -> String {
     let _ = writeln!(out, "  leases believed by clients: {}", r.beliefs);
     let _ = writeln!(
         out,
-        "  overlaps found: {} ({} after a KeepAlive stream hand-over)",
+        "  overlaps found: {} ({} after a KeepAlive stream hand-over, {} more with a KeepAlive stream broken by a fault)",
         r.count(Kind::Overlap),
-        r.overlaps_after_handover
+        r.overlaps_after_handover,
+        r.overlaps_with_broken_stream
     );
     let _ = writeln!(out, "  fencing violations: {}", r.count(Kind::Fencing));
     let _ = writeln!(

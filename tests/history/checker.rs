@@ -84,6 +84,9 @@ pub struct Report {
     /// Overlaps in which a client still believed in a lease after closing or killing one of its
     /// KeepAlive streams while a newer stream kept it.
     pub overlaps_after_handover: usize,
+    /// Other overlaps in which a holder's KeepAlive stream failed (a fault broke its connection)
+    /// while it still believed in its lease.
+    pub overlaps_with_broken_stream: usize,
     /// The longest stretch, outside faults, during which a waiter that was not served then saw
     /// the resource definitely free (at most [`WAKE_BOUND`] unless flagged), and the call.
     pub longest_unserved_free: Option<(Micros, usize)>,
@@ -453,8 +456,17 @@ fn overlaps(h: &History, beliefs: &[Belief], report: &mut Report) {
                         }
                     }
                 }
+                let broken = set
+                    .iter()
+                    .any(|&a| list[a].why_end == "keepalive: stream failed");
                 if after_handover {
                     report.overlaps_after_handover += 1;
+                } else if broken {
+                    report.overlaps_with_broken_stream += 1;
+                    let _ = write!(
+                        text,
+                        "\n    (a holder's KeepAlive stream broke, by a fault, while it still believed in its lease)"
+                    );
                 }
                 report.violations.push(Violation {
                     kind: Kind::Overlap,
