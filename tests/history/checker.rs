@@ -813,10 +813,21 @@ fn sleeping_waiters(h: &History, order: &[usize], report: &mut Report) {
         {
             report.longest_wakeup = Some((e - s, call.id));
         }
+        // A granted waiter is judged up to the grant itself (its Redis time, from the reply's
+        // `expires_at` minus its TTL, plus the clock slack), one that was not served up to the
+        // end of its wait: a slow reply is not a sleep.
+        let judged_until = match &call.outcome {
+            Outcome::Granted(g) => (grant_floor(call, g) + 2 * CLOCK_SLACK).min(call.reply),
+            _ => (call.send + wait).min(call.reply),
+        };
         for (s, e) in stretches {
             let served_at_end = granted && e == call.reply;
             if !served_at_end && report.longest_unserved_free.is_none_or(|(d, _)| e - s > d) {
                 report.longest_unserved_free = Some((e - s, call.id));
+            }
+            let e = e.min(judged_until);
+            if e <= s {
+                continue;
             }
             if e - s <= WAKE_BOUND {
                 continue;
