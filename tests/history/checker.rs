@@ -1370,6 +1370,37 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_reply_to_a_waiter_granted_in_time_is_no_sleep() {
+        let mut h = history(&[("m", 1)]);
+        h.push(
+            0,
+            "m",
+            acquire("a", 300, 0, false),
+            ms(0),
+            ms(2),
+            granted("a", 1, 300),
+        );
+        // Granted at 310 ms by Redis time (expires_at - TTL), answered only at 1 s.
+        let slow = Outcome::Granted(Grant {
+            token: "b".into(),
+            fence: Some(2),
+            ttl: ms(1000),
+            expires: Some(ms(1310)),
+        });
+        h.push(
+            1,
+            "m",
+            acquire("", 1000, 2000, false),
+            ms(20),
+            ms(1000),
+            slow,
+        );
+        let r = check(&h);
+        assert!(r.violations.is_empty(), "{}", r.describe());
+        assert_eq!(r.longest_wakeup, Some((ms(698), 1)));
+    }
+
+    #[test]
     fn a_fair_waiter_with_an_unknown_outcome_may_leave_a_queue_entry_behind() {
         let mut h = sleeper();
         h.push(
