@@ -66,11 +66,23 @@ fn kill(child: &mut Option<Child>) {
     }
 }
 
+/// Sends a signal (`STOP`, `CONT`, `TERM`, ...) to a process this harness started.
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
 /// A real redis-server on a free port.
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Started by [`RedisServer::start_durable`]: every write is in the append-only file,
+    /// fsynced, before Redis replies.
+    durable: bool,
 }
 
 impl RedisServer {
@@ -80,15 +92,39 @@ impl RedisServer {
             port: free_port(),
             dir: scratch_dir("redis"),
             child: None,
+            durable: false,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// A redis-server with `--appendonly yes --appendfsync always`: every write reaches its
+    /// append-only file, fsynced, before Redis replies, so [`RedisServer::restart`] (SIGKILL and
+    /// start again in the same directory) loses no acknowledged write. Without this, a restart
+    /// loses every lock, and no lock service on that Redis can keep mutual exclusion through it.
+    pub async fn start_durable() -> Self {
+        require("redis-server", "sudo apt-get install -y redis-server");
+        let mut server = Self {
+            port: free_port(),
+            dir: scratch_dir("redis-aof"),
+            child: None,
+            durable: true,
         };
         server.spawn().await;
         server
     }
 
     async fn spawn(&mut self) {
+        let persistence: &[&str] = if self.durable {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--save", ""])
+            .args(persistence)
+            .args(["--daemonize", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -135,6 +171,21 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         self.kill();
         self.spawn().await;
+    }
+
+    /// The redis-server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.pid(), "CONT");
     }
 
     /// All keys, sorted.
