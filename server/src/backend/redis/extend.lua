@@ -30,11 +30,16 @@ if semaphore then
   fence, owner, remaining = h[1], h[2], tonumber(h[4]) - now
 else
   local h = redis.call('HMGET', KEYS[1], 't', 'f', 'o', 'r')
-  if not h[1] or h[4] then
+  if not h[1] then
     return {NOT_HELD}
   end
+  -- The token first, as release.lua does: a lease in its minimum hold is still another
+  -- token's lease to a stranger, and no longer extendable by its own token.
   if h[1] ~= token then
     return {HELD_BY_OTHER}
+  end
+  if h[4] then
+    return {NOT_HELD}
   end
   fence, owner, remaining = h[2], h[3], math.max(redis.call('PTTL', KEYS[1]), 0)
 end
