@@ -107,33 +107,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let scope = request::WatchScope::parse(request.into_inner())?;
-        let (mut rx, guard) = self.locks.watch();
-        let (tx, out) = tokio::sync::mpsc::channel(16);
-        let shutdown = self.locks.shutdown().clone();
-        // A task per watcher, so a watcher that went away is noticed (tx.closed) even when no
-        // events flow, and shutdown ends the stream.
-        tokio::spawn(async move {
-            let _watching = guard;
-            loop {
-                let reply = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    event = rx.recv() => match event {
-                        Ok(e) if scope.covers(&e.resource) => pb::WatchResponse {
-                            event: Some(response::event(&e)),
-                            missed: 0,
-                        },
-                        Ok(_) => continue,
-                        Err(RecvError::Lagged(n)) => pb::WatchResponse { event: None, missed: n },
-                        Err(RecvError::Closed) => return,
-                    },
-                };
-                if tx.send(Ok(reply)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+        Ok(Response::new(Box::pin(watch_stream(&self.locks, scope))))
     }
 
     async fn list_locks(
@@ -150,4 +124,37 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
             next_page_token: page.next,
         }))
     }
+}
+
+/// The events under `scope`, as a Watch response stream. A task per watcher, so a watcher that
+/// went away is noticed (`tx.closed`) even when no events flow, and shutdown ends the stream.
+fn watch_stream<B: Backend>(
+    locks: &Locks<B>,
+    scope: request::WatchScope,
+) -> ReceiverStream<Result<pb::WatchResponse, Status>> {
+    let (mut rx, guard) = locks.watch();
+    let (tx, out) = tokio::sync::mpsc::channel(16);
+    let shutdown = locks.shutdown().clone();
+    tokio::spawn(async move {
+        let _watching = guard;
+        loop {
+            let reply = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                event = rx.recv() => match event {
+                    Ok(e) if scope.covers(&e.resource) => pb::WatchResponse {
+                        event: Some(response::event(&e)),
+                        missed: 0,
+                    },
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(n)) => pb::WatchResponse { event: None, missed: n },
+                    Err(RecvError::Closed) => return,
+                },
+            };
+            if tx.send(Ok(reply)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(out)
 }
