@@ -207,3 +207,56 @@ async fn unsafe_configuration_is_refused_at_start_naming_the_setting() {
         assert!(log.contains(setting), "the log must name {setting}: {log}");
     }
 }
+
+/// Fair waiters on two replicas: when the one ahead is granted, the one behind it (which only
+/// knew when the first one's queue entry would go stale) must learn when its lease ends, and
+/// take the lock then. Found by the history checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_waiter_takes_the_lock_when_the_lease_of_the_fair_waiter_ahead_ends() {
+    let redis = RedisServer::start().await;
+    let a = Lockd::start(Some(&redis)).await;
+    let b = Lockd::start(Some(&redis)).await;
+    let mut holder = a.client().await;
+    let lease = acquire_ok(&mut holder, "fifo", 60.0).await;
+    let fair = |ttl: f64, wait: f64| AcquireRequest {
+        fair: true,
+        wait_timeout: Some(secs(wait)),
+        ..acquire_req("fifo", ttl)
+    };
+    let mut first = a.client().await;
+    let first_req = fair(0.5, 10.0);
+    let first = tokio::spawn(async move { first.acquire(first_req).await.unwrap().into_inner() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = b.client().await;
+    // Its wait ends before its first queue refresh (every 2 s), which would also look again.
+    let second_req = fair(30.0, 1.8);
+    let second =
+        tokio::spawn(async move { second.acquire(second_req).await.unwrap().into_inner() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Replica A stops for a moment, so B's waiter sees the lock free but the first waiter ahead
+    // of it in the queue: it can only wait for that entry to go stale (6 s)...
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &a.pid().to_string()])
+            .status()
+            .unwrap();
+    };
+    signal("-STOP");
+    let mut releaser = b.client().await;
+    assert!(release(&mut releaser, &lease).await.released);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal("-CONT");
+    // ...until A's waiter takes the lock for 0.5 s, which must wake it.
+    assert!(first.await.unwrap().acquired);
+    let started = Instant::now();
+    let got = second.await.unwrap();
+    assert!(
+        got.acquired,
+        "the second fair waiter slept through the first one's expiry"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}

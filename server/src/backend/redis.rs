@@ -410,7 +410,8 @@ impl Backend for RedisBackend {
             .arg(&self.events_channel)
             .arg(&p.resource)
             .arg(if p.waiting { "1" } else { "0" })
-            .arg(ms(FENCE_GRACE));
+            .arg(ms(FENCE_GRACE))
+            .arg(&self.released_channel);
         for (name, value) in &p.labels {
             inv.arg(name).arg(value);
         }

@@ -27,7 +27,10 @@
 -- ARGV[8]  the resource name (for the event)
 -- ARGV[9]  '1' when the caller waits for the lock (so the lease is marked w), '0' otherwise
 -- ARGV[10] how long the fencing counter outlives the lock key, in ms
--- ARGV[11], ARGV[12], ...  label name, label value, ... (pairs, possibly none)
+-- ARGV[11] the wake-up channel <prefix>:released: a fair waiter's grant publishes
+--            "<resource>\n<next fair queue head or empty>" there, so that waiters queued behind
+--            it (on any lockd) look again and learn when its lease ends
+-- ARGV[12], ARGV[13], ...  label name, label value, ... (pairs, possibly none)
 --
 -- Fencing tokens: max(last token + 1, Redis TIME in microseconds). The counter alone would
 -- restart at 1 after Redis loses it (a restart without persistence, a failover to a lagging
@@ -92,6 +95,16 @@ local function leave_queue()
   end
 end
 
+-- A fair waiter was granted: the waiters it blocked (fair ones behind it, and plain ones that
+-- the queue held back) only know when its queue entry would go stale, not when its lease ends.
+-- Wake them, naming the next head, so they look again and arm a timer for the lease.
+local function granted_from_queue()
+  if waiter ~= '' then
+    local next_head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+    redis.call('PUBLISH', ARGV[11], ARGV[8] .. '\n' .. (next_head or ''))
+  end
+end
+
 -- The next fencing token, as a number and as a string, stored in KEYS[2] (whose expiry the
 -- caller then sets through set_lifetime).
 local function next_fence()
@@ -114,7 +127,7 @@ end
 
 local function labels_from_argv()
   local labels = {}
-  for i = 11, #ARGV do
+  for i = 12, #ARGV do
     labels[#labels + 1] = ARGV[i]
   end
   return labels
@@ -173,7 +186,7 @@ if limit == 1 then
     hash[#hash + 1] = 'w'
     hash[#hash + 1] = '1'
   end
-  for i = 11, #ARGV, 2 do
+  for i = 12, #ARGV, 2 do
     hash[#hash + 1] = 'l:' .. ARGV[i]
     hash[#hash + 1] = ARGV[i + 1]
   end
@@ -182,6 +195,7 @@ if limit == 1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('PEXPIREAT', KEYS[2], now + ttl + grace)
   event('A', ARGV[3], fence_s, now + ttl)
+  granted_from_queue()
   return {GRANTED, fence, now}
 end
 
@@ -216,6 +230,7 @@ if not lingering and sem.count < limit and allowed then
   end
   set_lifetime(KEYS[1], KEYS[2], math.max(sem.latest, now + ttl), now, grace)
   event('A', ARGV[3], fence_s, now + ttl)
+  granted_from_queue()
   return {GRANTED, fence, now}
 end
 enqueue()
