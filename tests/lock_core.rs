@@ -101,6 +101,32 @@ crate::conformance! {
         assert_eq!(r.leases[0].fencing_token, lease.fencing_token);
     }
 
+    async fn a_waiter_takes_the_lock_when_the_holder_shortens_its_lease(store: Store) {
+        let s = Setup::new(store).await;
+        let mut c = s.client().await;
+        let lease = acquire_ok(&mut c, "shortened", 60.0).await;
+        let w = waiter(&s, "shortened", 1, 4.0).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The waiter armed its timer for the 60 s expiry; the lease now ends in 0.3 s.
+        assert!(extend(&mut c, &lease, 0.3, true).await.extended);
+        assert!(w.await.unwrap(), "the waiter slept through the shortened lease's end");
+    }
+
+    async fn a_semaphore_waiter_takes_a_slot_whose_holder_shortened_its_lease(store: Store) {
+        let s = Setup::new(store).await;
+        let mut c = s.client().await;
+        let a = c.acquire(sem_req("shortened-slots", 2, 60.0, 0.0)).await.unwrap().into_inner();
+        let b = c.acquire(sem_req("shortened-slots", 2, 60.0, 0.0)).await.unwrap().into_inner();
+        assert!(a.acquired && b.acquired);
+        let w = waiter(&s, "shortened-slots", 2, 4.0).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A re-acquire with its own token and a shorter TTL shortens the lease too.
+        let mut again = sem_req("shortened-slots", 2, 0.3, 0.0);
+        again.token = b.lease.as_ref().unwrap().token.clone();
+        assert!(c.acquire(again).await.unwrap().into_inner().acquired);
+        assert!(w.await.unwrap(), "the waiter slept through the shortened lease's end");
+    }
+
     async fn a_keepalive_stream_may_keep_only_so_many_leases(store: Store) {
         let s = Setup::with_env(store, &[("LOCKD_MAX_STREAM_LEASES", "10")]).await;
         let mut c = s.client().await;

@@ -231,7 +231,14 @@ impl State {
     }
 
     /// One acquire attempt, with expired holders already pruned.
-    fn acquire(&mut self, p: &AcquireParams, now: Now, events: &Events) -> Result<AcquireOutcome> {
+    /// `shortened` is set when the caller's own lease was refreshed to end sooner.
+    fn acquire(
+        &mut self,
+        p: &AcquireParams,
+        now: Now,
+        events: &Events,
+        shortened: &mut bool,
+    ) -> Result<AcquireOutcome> {
         let mut free = true;
         if let Some(entry) = self.locks.get_mut(&p.resource) {
             if entry.limit != p.limit {
@@ -240,7 +247,8 @@ impl State {
             match entry.holders.iter_mut().find(|h| h.token == p.token) {
                 Some(h) if !h.lingering => {
                     h.renewer = None;
-                    let lease = renew(h, &p.resource, p.ttl, now, events);
+                    let lease;
+                    (lease, *shortened) = renew(h, &p.resource, p.ttl, now, events);
                     self.leave_queue(&p.resource, p.fair.as_deref());
                     return Ok(AcquireOutcome::Acquired(lease));
                 }
@@ -298,9 +306,17 @@ impl State {
     }
 }
 
-/// Gives `h` a new TTL from now, reporting the extension; returns the renewed lease. The
-/// caller reschedules the resource's expiry.
-fn renew(h: &mut Holder, resource: &str, ttl: Duration, now: Now, events: &Events) -> Lease {
+/// Gives `h` a new TTL from now, reporting the extension; returns the renewed lease, and
+/// whether it now ends sooner than before (waiters must then look again: their timers are set
+/// for the old expiry). The caller reschedules the resource's expiry.
+fn renew(
+    h: &mut Holder,
+    resource: &str,
+    ttl: Duration,
+    now: Now,
+    events: &Events,
+) -> (Lease, bool) {
+    let shortened = now.instant + ttl < h.expires;
     h.expires = now.instant + ttl;
     let lease = h.lease(resource, ttl, now);
     events.publish(LockEvent {
@@ -311,7 +327,7 @@ fn renew(h: &mut Holder, resource: &str, ttl: Duration, now: Now, events: &Event
         time: now.unix,
         expires_at: Some(lease.expires_at),
     });
-    lease
+    (lease, shortened)
 }
 
 impl MemoryBackend {
@@ -357,10 +373,20 @@ impl MemoryBackend {
 impl Backend for MemoryBackend {
     async fn acquire(&self, p: &AcquireParams) -> Result<AcquireOutcome> {
         let now = Now::get();
-        let mut state = self.state();
-        state.prune(&p.resource, now, &self.events);
-        let outcome = state.acquire(p, now, &self.events);
-        state.reschedule(&p.resource);
+        let mut shortened = false;
+        let (outcome, next) = {
+            let mut state = self.state();
+            state.prune(&p.resource, now, &self.events);
+            let outcome = state.acquire(p, now, &self.events, &mut shortened);
+            state.reschedule(&p.resource);
+            let next = state
+                .queue_head(&p.resource, now)
+                .map(|(id, _)| id.to_owned());
+            (outcome, next)
+        };
+        if shortened {
+            self.waiters.released(&p.resource, next.as_deref());
+        }
         outcome
     }
 
@@ -445,8 +471,8 @@ impl Backend for MemoryBackend {
             status,
             lease: None,
         };
-        let mut state = self.state();
-        let state = &mut *state;
+        let mut guard = self.state();
+        let state = &mut *guard;
         state.prune(&p.resource, now, &self.events);
         let Some(entry) = state.locks.get_mut(&p.resource) else {
             return Ok(not(LeaseStatus::NotHeld));
@@ -472,8 +498,15 @@ impl Backend for MemoryBackend {
             u64::try_from((base + p.ttl).min(p.max_ttl).as_millis()).unwrap_or(u64::MAX),
         );
         h.renewer.clone_from(&p.renewer);
-        let lease = renew(h, &p.resource, ttl, now, &self.events);
+        let (lease, shortened) = renew(h, &p.resource, ttl, now, &self.events);
         state.reschedule(&p.resource);
+        if shortened {
+            let next = state
+                .queue_head(&p.resource, now)
+                .map(|(id, _)| id.to_owned());
+            drop(guard);
+            self.waiters.released(&p.resource, next.as_deref());
+        }
         Ok(ExtendOutcome {
             status: LeaseStatus::Ok,
             lease: Some(lease),

@@ -459,6 +459,7 @@ impl Backend for RedisBackend {
     async fn extend(&self, p: &ExtendParams) -> Result<ExtendOutcome> {
         let mut inv = self.scripts.extend.key(self.key(&p.resource, ""));
         inv.key(self.key(&p.resource, ":fence"))
+            .key(self.key(&p.resource, ":queue"))
             .arg(p.token.expose())
             .arg(ms(p.ttl))
             .arg(if p.replace_ttl { "1" } else { "0" })
@@ -466,7 +467,8 @@ impl Backend for RedisBackend {
             .arg(&self.events_channel)
             .arg(&p.resource)
             .arg(p.renewer.as_deref().unwrap_or(""))
-            .arg(ms(FENCE_GRACE));
+            .arg(ms(FENCE_GRACE))
+            .arg(&self.released_channel);
         let not = |status| ExtendOutcome {
             status,
             lease: None,

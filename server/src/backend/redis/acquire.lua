@@ -29,7 +29,8 @@
 -- ARGV[10] how long the fencing counter outlives the lock key, in ms
 -- ARGV[11] the wake-up channel <prefix>:released: a fair waiter's grant publishes
 --            "<resource>\n<next fair queue head or empty>" there, so that waiters queued behind
---            it (on any lockd) look again and learn when its lease ends
+--            it (on any lockd) look again and learn when its lease ends; so does a re-acquire
+--            that shortens a lease waiters have seen
 -- ARGV[12], ARGV[13], ...  label name, label value, ... (pairs, possibly none)
 --
 -- Fencing tokens: max(last token + 1, Redis TIME in microseconds). The counter alone would
@@ -152,6 +153,9 @@ if limit == 1 then
   end
   if held[1] then
     if held[1] == token and not held[5] then
+      if ttl < redis.call('PTTL', KEYS[1]) then
+        shortened(KEYS[1], KEYS[3], ARGV[11], ARGV[8])
+      end
       redis.call('PEXPIRE', KEYS[1], ttl)
       redis.call('PEXPIREAT', KEYS[2], now + ttl + grace)
       redis.call('HDEL', KEYS[1], 'k')
@@ -211,6 +215,9 @@ local lingering = sem.mine and sem.h['r:' .. token]
 if sem.mine and not lingering then
   -- The caller holds a slot already: refresh it. A lease released with a minimum hold is not
   -- granted again (as for a mutex); it falls through to the busy answer.
+  if now + ttl < sem.mine then
+    shortened(KEYS[1], KEYS[3], ARGV[11], ARGV[8])
+  end
   redis.call('HSET', KEYS[1], 'e:' .. token, now + ttl)
   redis.call('HDEL', KEYS[1], 'k:' .. token)
   set_lifetime(KEYS[1], KEYS[2], math.max(sem.others, now + ttl), now, grace)

@@ -74,3 +74,14 @@ local function set_lifetime(key, fence_key, ends, now, grace)
   end
 end
 
+-- A lease that waiters have seen (the lock hash has w) now ends sooner than they were told: wake
+-- them on `channel` ("<resource>\n<fair queue head or empty>", as release.lua does), so they look
+-- again instead of sleeping to the old expiry while a slot may be free. `queue_key` is the
+-- resource's fair queue.
+local function shortened(lock_key, queue_key, channel, resource)
+  if redis.call('HEXISTS', lock_key, 'w') == 1 then
+    local head = redis.call('ZRANGE', queue_key, 0, 0)[1]
+    redis.call('PUBLISH', channel, resource .. '\n' .. (head or ''))
+  end
+end
+

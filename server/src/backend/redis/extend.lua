@@ -4,6 +4,8 @@
 -- KEYS[1]  the lock hash  <prefix>:{<resource>} (see acquire.lua for its fields)
 -- KEYS[2]  the fencing counter  <prefix>:{<resource>}:fence (see acquire.lua): its expiry
 --            follows the lock key's
+-- KEYS[3]  the fair queue  <prefix>:{<resource>}:queue (see acquire.lua): read to name the
+--            next waiter when a shorter TTL wakes the waiters
 -- ARGV[1]  token of the caller
 -- ARGV[2]  TTL in milliseconds: added to the remaining time, or replacing it (ARGV[3])
 -- ARGV[3]  '1' to replace the remaining time with ARGV[2], '0' to add ARGV[2] to it
@@ -13,6 +15,8 @@
 -- ARGV[7]  the KeepAlive stream renewing the lease, recorded as its k field; '' for a plain
 --            Extend, which clears the field
 -- ARGV[8]  how long the fencing counter outlives the lock key, in ms (see acquire.lua)
+-- ARGV[9]  the wake-up channel <prefix>:released: when the new TTL ends the lease sooner than
+--            before and waiters have seen it, they are woken to look again
 --
 -- Returns {OK, fencing token, now (Redis TIME in ms), new remaining ms} when extended,
 --         {NOT_HELD} when not held (free, expired, or released with a minimum hold),
@@ -48,6 +52,9 @@ if ARGV[3] ~= '1' then
   ttl = ttl + remaining
 end
 ttl = math.min(ttl, tonumber(ARGV[4]))
+if ttl < remaining then
+  shortened(KEYS[1], KEYS[3], ARGV[9], ARGV[6])
+end
 local renewer_field = semaphore and ('k:' .. token) or 'k'
 if ARGV[7] == '' then
   redis.call('HDEL', KEYS[1], renewer_field)
