@@ -286,3 +286,57 @@ async fn a_fair_waiter_takes_the_lock_when_the_lease_of_the_fair_waiter_ahead_en
         started.elapsed()
     );
 }
+
+/// A waiter with its own token whose wait ends while a release of the lock is in flight, and
+/// which then retries with the same token (which the docs call safe), keeps what it got: no
+/// background task releases that token's lease behind its back. (Before issue 9, the release
+/// handed the lock to the departed waiter, and an orphan task released the handed lease by
+/// token, freeing the lease the retry had just been given: a double grant.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_same_token_after_a_wait_ends_mid_release_keeps_its_lease() {
+    // One Redis connection, so Redis runs lockd's calls in the order lockd sends them.
+    let s = Setup::with_env(Store::Redis, &[("LOCKD_REDIS_POOL_SIZE", "1")]).await;
+    let redis = s.redis.as_ref().unwrap();
+    let mut holder = s.client().await;
+    // Redis loads each script on its first call (NOSCRIPT, then a retry): load them now.
+    let warm_up = acquire_ok(&mut holder, "warm-up", 60.0).await;
+    release(&mut holder, &warm_up).await;
+    let lease = acquire_ok(&mut holder, "retried", 60.0).await;
+    let token = "client-chosen-token".to_owned();
+    let own = |wait: f64| AcquireRequest {
+        token: token.clone(),
+        wait_timeout: (wait > 0.0).then(|| secs(wait)),
+        ..acquire_req("retried", 30.0)
+    };
+    let mut waiter = s.client().await;
+    let first = own(1.0);
+    let wait = tokio::spawn(async move {
+        let r = waiter.acquire(first).await.unwrap().into_inner();
+        (r, waiter)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Redis stops answering; the release is sent and stays in flight past the waiter's deadline.
+    redis.pause();
+    let release = tokio::spawn(async move { release(&mut holder, &lease).await });
+    let (r, mut waiter) = wait.await.unwrap();
+    assert!(!r.acquired, "the wait ended at its deadline");
+    // The client retries with its token; then Redis answers again.
+    let retry_req = own(0.0);
+    let retry = tokio::spawn(async move { waiter.acquire(retry_req).await.unwrap().into_inner() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.resume();
+    assert!(release.await.unwrap().released);
+    let retried = retry.await.unwrap();
+    assert!(
+        retried.acquired,
+        "the lock was free for the retry: {retried:?}"
+    );
+    // The retry's lease (30 s) must still hold: nobody else may take the lock now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut third = s.client().await;
+    let r = try_acquire(&mut third, "retried", 30.0).await;
+    assert!(
+        !r.acquired,
+        "a third client got the lock the retry holds: a double grant"
+    );
+}
