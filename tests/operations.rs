@@ -5,32 +5,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::support::*;
-
-async fn health(lockd: &Lockd) -> ServingStatus {
-    let channel = tonic::transport::Endpoint::from_shared(lockd.endpoint())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let reply = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "lockd.v1.LockService".into(),
-        })
-        .await
-        .unwrap();
-    reply.into_inner().status()
-}
-
-async fn health_becomes(lockd: &Lockd, want: ServingStatus) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while health(lockd).await != want {
-        assert!(Instant::now() < deadline, "health never became {want:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_tokens_keep_increasing_across_a_lockd_restart() {

@@ -11,36 +11,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, sleep};
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::support::*;
-
-async fn health(lockd: &Lockd) -> ServingStatus {
-    let channel = tonic::transport::Endpoint::from_shared(lockd.endpoint())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let reply = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "lockd.v1.LockService".into(),
-        })
-        .await
-        .unwrap();
-    reply.into_inner().status()
-}
-
-async fn health_becomes(lockd: &Lockd, want: ServingStatus) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while health(lockd).await != want {
-        assert!(
-            Instant::now() < deadline,
-            "health never became {want:?}; log:\n{}",
-            lockd.log_text()
-        );
-        sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Waits until lockd's log contains `text`.
 async fn log_shows(lockd: &Lockd, text: &str) {

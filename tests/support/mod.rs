@@ -493,3 +493,36 @@ pub async fn owner(c: &mut Client, resource: &str) -> Option<lockd_client::proto
     .into_inner()
     .holder
 }
+
+/// lockd's health for `lockd.v1.LockService`, through the standard health service.
+pub async fn health(lockd: &Lockd) -> tonic_health::pb::health_check_response::ServingStatus {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(lockd.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "lockd.v1.LockService".into(),
+        })
+        .await
+        .unwrap();
+    reply.into_inner().status()
+}
+
+/// Waits (up to 10 s) until lockd's health is `want`.
+pub async fn health_becomes(
+    lockd: &Lockd,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(lockd).await != want {
+        assert!(
+            Instant::now() < deadline,
+            "health never became {want:?}; log:\n{}",
+            lockd.log_text()
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}
