@@ -12,7 +12,8 @@
 //! with its own attempt. Granting inside the release (tried in issue 3) saved a backend call per
 //! contended hand-over but needed a protocol spread over six places, and a lease granted to a
 //! waiter that had left had to be released again by token, which could free a lease the same
-//! token had re-acquired meanwhile (a double grant). See the README for the measurements.
+//! token had re-acquired meanwhile (a double grant). What removing them cost is measured in
+//! `docs/benchmarks.md`.
 
 mod acquire;
 pub mod waiters;
@@ -42,7 +43,8 @@ pub enum ReleaseVia {
     Rpc,
     /// A `release` entry of a KeepAlive message.
     KeepAlive,
-    /// A KeepAlive stream ended without releasing its lease.
+    /// The client ended a KeepAlive stream without releasing its lease (only if that stream
+    /// renewed the lease last).
     StreamClosed,
 }
 
