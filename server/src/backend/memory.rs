@@ -374,17 +374,20 @@ impl Backend for MemoryBackend {
     async fn acquire(&self, p: &AcquireParams) -> Result<AcquireOutcome> {
         let now = Now::get();
         let mut shortened = false;
-        let (outcome, next) = {
+        let (outcome, wake) = {
             let mut state = self.state();
             state.prune(&p.resource, now, &self.events);
             let outcome = state.acquire(p, now, &self.events, &mut shortened);
             state.reschedule(&p.resource);
-            let next = state
-                .queue_head(&p.resource, now)
-                .map(|(id, _)| id.to_owned());
-            (outcome, next)
+            // Only a shortened lease wakes anyone: the fair queue is read for that case alone.
+            let wake = shortened.then(|| {
+                state
+                    .queue_head(&p.resource, now)
+                    .map(|(id, _)| id.to_owned())
+            });
+            (outcome, wake)
         };
-        if shortened {
+        if let Some(next) = wake {
             self.waiters.released(&p.resource, next.as_deref());
         }
         outcome
