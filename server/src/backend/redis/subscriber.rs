@@ -48,7 +48,6 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The one subscription of this process: wake-ups always, events while anyone watches.
 pub(super) struct Subscriber {
     backend: Arc<RedisBackend>,
-    client: redis::Client,
     waiters: Arc<Waiters>,
     events: Arc<Events>,
     /// Time limit for connecting and for each subscription command.
@@ -71,7 +70,6 @@ enum Logged {
 impl Subscriber {
     pub(super) fn new(
         backend: Arc<RedisBackend>,
-        client: redis::Client,
         waiters: Arc<Waiters>,
         events: Arc<Events>,
         timeout: Duration,
@@ -79,7 +77,6 @@ impl Subscriber {
         let heartbeat_channel = format!("{}:heartbeat:{}", backend.prefix, uuid::Uuid::new_v4());
         Self {
             backend,
-            client,
             waiters,
             events,
             timeout,
@@ -95,16 +92,17 @@ impl Subscriber {
         let mut backoff = Duration::from_millis(50);
         let mut logged = Logged::Nothing;
         let mut watchers = self.events.watchers();
+        let mut failures = 0;
         loop {
             let attempt = async {
-                let pubsub = self.client.get_async_pubsub().await?;
+                let pubsub = self.backend.topology.pubsub(failures).await?;
                 let (mut sink, stream) = pubsub.split();
                 sink.subscribe(&[
                     self.backend.released_channel.as_str(),
                     self.heartbeat_channel.as_str(),
                 ])
                 .await?;
-                Ok::<_, RedisError>((sink, stream))
+                Ok::<_, crate::error::Error>((sink, stream))
             };
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -113,6 +111,7 @@ impl Subscriber {
             let cause = match connected {
                 Ok(Ok((sink, stream))) => {
                     backoff = Duration::from_millis(50);
+                    failures = 0;
                     self.set_down(None);
                     if matches!(logged, Logged::Down(_)) {
                         tracing::info!("wake-up subscription restored");
@@ -129,6 +128,7 @@ impl Subscriber {
                 Ok(Err(e)) => format!("cannot subscribe: {e}"),
                 Err(_) => format!("cannot subscribe: no answer within {:?}", self.timeout),
             };
+            failures += 1;
             self.set_down(Some(cause.clone()));
             let down = Logged::Down(cause);
             if logged == down {
@@ -164,6 +164,7 @@ impl Subscriber {
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = Instant::now();
+        let mut switches = self.backend.topology.switches();
         loop {
             let want = *watchers.borrow_and_update() > 0;
             if want != watching {
@@ -181,6 +182,9 @@ impl Subscriber {
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 _ = watchers.changed() => {}
+                _ = master_switch(&mut switches) => {
+                    return Some("the Redis master switched (Sentinel failover)".to_owned());
+                }
                 _ = heartbeat.tick() => {
                     let silent = heard.elapsed();
                     if silent >= HEARTBEAT_TIMEOUT {
@@ -277,11 +281,22 @@ impl Subscriber {
     }
 }
 
+/// Completes when Sentinel switches masters; never outside Sentinel mode.
+async fn master_switch(switches: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    let changed = match switches {
+        Some(s) => s.changed().await.is_ok(),
+        None => false,
+    };
+    if !changed {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Publishes one heartbeat through a shared connection (not refused while Redis may evict
 /// keys: the subscription is still worth keeping). A failure shows as a missing heartbeat.
 async fn publish_heartbeat(backend: Arc<RedisBackend>, channel: String) {
     let published = async {
-        let mut conn = backend.any_conn().await?;
+        let (mut conn, _) = backend.any_conn().await?;
         let r = redis::cmd("PUBLISH")
             .arg(&channel)
             .arg("")
