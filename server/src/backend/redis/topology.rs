@@ -141,6 +141,8 @@ pub(super) enum Topology {
         /// The seed nodes, for pub/sub (classic `PUBLISH` reaches every node of a cluster, so
         /// a subscription through any one node hears every lockd's messages).
         seeds: Vec<ConnectionInfo>,
+        /// The nodes' password.
+        password: Option<String>,
     },
 }
 
@@ -204,6 +206,7 @@ impl Topology {
                 Self::Cluster {
                     client: Box::new(client),
                     seeds,
+                    password: password.clone(),
                 }
             }
         })
@@ -242,6 +245,21 @@ impl Topology {
                 Ok(redis::Client::open(info)?.get_async_pubsub().await?)
             }
         }
+    }
+
+    /// A pub/sub connection to the cluster node at `host:port`.
+    pub(super) async fn node_pubsub(&self, host: &str, port: u16) -> Result<PubSub> {
+        let password = match self {
+            Self::Cluster { password, .. } => password.as_deref(),
+            _ => None,
+        };
+        let info = node_info(host, port, password, 0)?;
+        Ok(redis::Client::open(info)?.get_async_pubsub().await?)
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster { .. })
     }
 
     /// Whether a connection opened at `epoch` may still be used: false once Sentinel switched
