@@ -52,6 +52,7 @@ crate::conformance_ha! {
         assert_eq!(seen.len(), 10_000, "omissions in the listing");
         assert!(pages >= 10, "expected paging, got {pages} pages");
         assert!(seen.iter().all(|r| r.starts_with("batch/")));
+        s.remove_keys().await;
     }
 }
 

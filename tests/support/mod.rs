@@ -387,6 +387,9 @@ impl Drop for Lockd {
 pub struct Setup {
     pub redis: Option<RedisServer>,
     pub lockd: Lockd,
+    pub store: Store,
+    /// The key prefix of this test on a shared Sentinel group or cluster.
+    pub prefix: Option<String>,
 }
 
 impl Setup {
@@ -404,15 +407,62 @@ impl Setup {
             Store::Sentinel => shared_sentinel().await.env(),
             Store::Cluster => shared_cluster().await.env(),
         };
+        let mut prefix = None;
         if matches!(store, Store::Sentinel | Store::Cluster) {
             static N: AtomicUsize = AtomicUsize::new(0);
-            let prefix = format!("t{}", N.fetch_add(1, Ordering::Relaxed));
-            all.push(("LOCKD_KEY_PREFIX".into(), prefix));
+            let p = format!("t{}", N.fetch_add(1, Ordering::Relaxed));
+            all.push(("LOCKD_KEY_PREFIX".into(), p.clone()));
+            prefix = Some(p);
         }
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let lockd = Lockd::start_with(redis.as_ref(), &all).await;
-        Self { redis, lockd }
+        Self {
+            redis,
+            lockd,
+            store,
+            prefix,
+        }
+    }
+
+    /// On a shared Sentinel group or cluster, deletes this test's keys, so that many keys left
+    /// with long TTLs do not slow Redis's expiry of other tests' keys.
+    pub async fn remove_keys(&self) {
+        let Some(prefix) = &self.prefix else { return };
+        let masters = match self.store {
+            Store::Sentinel => vec![shared_sentinel().await.master_port().await],
+            Store::Cluster => shared_cluster().await.master_ports().await,
+            _ => return,
+        };
+        for port in masters {
+            let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}:*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                let mut unlink = redis::pipe();
+                for key in keys {
+                    // One key per command: a cluster refuses multi-key calls across slots.
+                    unlink.cmd("UNLINK").arg(key).ignore();
+                }
+                let () = unlink.query_async(&mut c).await.unwrap();
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
     }
 
     pub async fn client(&self) -> Client {
@@ -597,6 +647,8 @@ fn reap_on_exit(pids: &[u32]) {
         std::process::id(),
         pids.join(" ")
     );
+    // Never waited for: it outlives this process on purpose.
+    #[allow(clippy::zombie_processes)]
     Command::new("sh")
         .args(["-c", &script])
         .stdin(Stdio::null())
