@@ -133,12 +133,16 @@ pub async fn sentinel_failover(
     sleep(Duration::from_millis(300)).await;
     let start = rec.now();
     let (old, new) = group.failover().await;
-    eventually(Duration::from_secs(40), "the old master syncs as a replica", || async {
-        let info: String = redis_cmd(old, redis::cmd("INFO").arg("replication"))
-            .await
-            .unwrap_or_default();
-        info.contains("role:slave") && info.contains("master_link_status:up")
-    })
+    eventually(
+        Duration::from_secs(40),
+        "the old master syncs as a replica",
+        || async {
+            let info: String = redis_cmd(old, redis::cmd("INFO").arg("replication"))
+                .await
+                .unwrap_or_default();
+            info.contains("role:slave") && info.contains("master_link_status:up")
+        },
+    )
     .await;
     sleep(Duration::from_secs(1)).await;
     rec.fault(Fault {
@@ -156,12 +160,21 @@ pub async fn sentinel_failover(
 
 /// The port of the master that serves `key`'s slot.
 async fn master_of(cluster: &Cluster, key: &str) -> u16 {
-    let slot: i64 = redis_cmd(cluster.nodes[0].port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
-        .await
-        .unwrap();
+    let mut slot = None;
+    for n in &cluster.nodes {
+        if let Ok(s) = redis_cmd::<i64>(n.port, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key)).await
+        {
+            slot = Some(s);
+            break;
+        }
+    }
+    let slot = slot.expect("a node answers CLUSTER KEYSLOT");
     for port in cluster.master_ports().await {
-        let slots: Vec<Vec<redis::Value>> =
-            redis_cmd(port, redis::cmd("CLUSTER").arg("SLOTS")).await.unwrap();
+        let Ok(slots) =
+            redis_cmd::<Vec<Vec<redis::Value>>>(port, redis::cmd("CLUSTER").arg("SLOTS")).await
+        else {
+            continue;
+        };
         for range in slots {
             let (Some(redis::Value::Int(lo)), Some(redis::Value::Int(hi))) =
                 (range.first(), range.get(1))
@@ -202,22 +215,22 @@ pub async fn cluster_master_kill(
     let start = rec.now();
     let i = cluster.nodes.iter().position(|n| n.port == victim).unwrap();
     cluster.nodes[i].kill();
-    let survivor = cluster.nodes.iter().find(|n| n.port != victim).unwrap().port;
-    eventually(Duration::from_secs(30), "a replica takes over", || async move {
-        let info: String = redis_cmd(survivor, redis::cmd("CLUSTER").arg("INFO"))
-            .await
-            .unwrap_or_default();
-        info.contains("cluster_state:ok")
+    eventually(Duration::from_secs(30), "a replica takes over", || async {
+        master_of(&cluster, "lockd:{history-mutex-0}").await != victim
     })
     .await;
     let promoted = rec.now();
     cluster.nodes[i].restart().await;
-    eventually(Duration::from_secs(40), "the killed master rejoins as a synced replica", || async move {
-        let info: String = redis_cmd(victim, redis::cmd("INFO").arg("replication"))
-            .await
-            .unwrap_or_default();
-        info.contains("role:slave") && info.contains("master_link_status:up")
-    })
+    eventually(
+        Duration::from_secs(40),
+        "the killed master rejoins as a synced replica",
+        || async move {
+            let info: String = redis_cmd(victim, redis::cmd("INFO").arg("replication"))
+                .await
+                .unwrap_or_default();
+            info.contains("role:slave") && info.contains("master_link_status:up")
+        },
+    )
     .await;
     sleep(Duration::from_secs(1)).await;
     rec.fault(Fault {
@@ -237,7 +250,12 @@ pub async fn cluster_master_kill(
 
 /// After 3 s of load, moves every slot of the master that holds `history-mutex-0` to another
 /// master with `redis-cli --cluster reshard`, while the clients keep using the locks.
-pub async fn cluster_reshard(_rng: Rng, rec: Recorder, cluster: Cluster, until: Instant) -> Cluster {
+pub async fn cluster_reshard(
+    _rng: Rng,
+    rec: Recorder,
+    cluster: Cluster,
+    until: Instant,
+) -> Cluster {
     sleep(Duration::from_secs(3)).await;
     let from = master_of(&cluster, "lockd:{history-mutex-0}").await;
     let to = cluster
@@ -294,22 +312,29 @@ pub async fn cluster_reshard(_rng: Rng, rec: Recorder, cluster: Cluster, until: 
     cluster
 }
 
-/// The time without service: the longest stretch in which some resource got no definite
-/// answer to any call (granted, refused, released, not held), in ms, and that resource.
-pub fn longest_outage(h: &History) -> (f64, String) {
-    let mut answers: std::collections::BTreeMap<&str, Vec<Micros>> = Default::default();
+/// The time without service: the longest stretch without a change that took effect (a grant,
+/// an extension or a release), over all resources and on the worst single resource, in ms. A
+/// refusal (busy) is not service: it needs no write.
+pub fn longest_outage(h: &History) -> (f64, f64, String) {
+    let mut all: Vec<Micros> = Vec::new();
+    let mut by_resource: std::collections::BTreeMap<&str, Vec<Micros>> = Default::default();
     for c in &h.calls {
-        if !matches!(c.outcome, Outcome::Failed(_) | Outcome::Sent) {
-            answers.entry(&c.resource).or_default().push(c.reply);
+        if matches!(c.outcome, Outcome::Granted(_) | Outcome::Released { .. }) {
+            all.push(c.reply);
+            by_resource.entry(&c.resource).or_default().push(c.reply);
         }
     }
-    let mut worst = (0, String::new());
-    for (resource, mut times) in answers {
+    let longest = |times: &mut Vec<Micros>| {
         times.sort_unstable();
-        let longest = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        if longest > worst.0 {
-            worst = (longest, resource.to_owned());
+        times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
+    };
+    let overall = longest(&mut all);
+    let mut worst = (0, String::new());
+    for (resource, mut times) in by_resource {
+        let l = longest(&mut times);
+        if l > worst.0 {
+            worst = (l, resource.to_owned());
         }
     }
-    (worst.0 as f64 / 1000.0, worst.1)
+    (overall as f64 / 1000.0, worst.0 as f64 / 1000.0, worst.1)
 }

@@ -145,11 +145,18 @@ impl Sentinel {
                 errors.join("; ")
             )));
         };
+        Ok(self.learn(found))
+    }
+
+    /// Records what a sentinel said of the master, and returns the master to use: the newer
+    /// of `found` and what was known. A new address is a switch: the epoch moves on, so that
+    /// no connection to the old master is used again.
+    fn learn(&self, found: Master) -> Master {
         let mut master = self.master.lock().unwrap_or_else(PoisonError::into_inner);
         match &*master {
             Some(known) if known.config_epoch > found.config_epoch => {
                 // A sentinel that lags behind one heard before: keep to the newer master.
-                return Ok(known.clone());
+                return known.clone();
             }
             Some(known) if known.addr != found.addr => {
                 let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
@@ -169,7 +176,23 @@ impl Sentinel {
             Some(_) => {}
         }
         *master = Some(found.clone());
-        Ok(found)
+        found
+    }
+
+    /// A sentinel announced `+switch-master` to `addr`: switch at once, before asking the
+    /// sentinels again, since every write meanwhile would go to a master that is no longer one.
+    /// A failover raises the config epoch by at least one.
+    fn heard_switch(&self, addr: (String, u16)) {
+        let known = match &*self.master.lock().unwrap_or_else(PoisonError::into_inner) {
+            // Already followed (asked, or announced by another sentinel).
+            Some(m) if m.addr == addr => return,
+            Some(m) => m.config_epoch,
+            None => 0,
+        };
+        self.learn(Master {
+            addr,
+            config_epoch: known + 1,
+        });
     }
 
     /// A connection to the master, checked with `ROLE`, and the epoch it belongs to.
@@ -222,8 +245,8 @@ impl Sentinel {
         let (heard_tx, mut heard) = tokio::sync::mpsc::channel::<()>(16);
         for info in self.sentinels.clone() {
             tokio::spawn(listen(
+                self.clone(),
                 info,
-                self.name.clone(),
                 heard_tx.clone(),
                 shutdown.clone(),
             ));
@@ -248,11 +271,11 @@ impl Sentinel {
     }
 }
 
-/// Listens for `+switch-master` of master `name` on one sentinel, reconnecting with backoff,
-/// and reports each to `heard`.
+/// Listens for `+switch-master` of the master on one sentinel, reconnecting with backoff:
+/// switches at once, and reports it to `heard` so that the sentinels are asked again.
 async fn listen(
+    sentinel: std::sync::Arc<Sentinel>,
     info: ConnectionInfo,
-    name: String,
     heard: tokio::sync::mpsc::Sender<()>,
     shutdown: CancellationToken,
 ) {
@@ -276,7 +299,12 @@ async fn listen(
                 let Some(msg) = msg else { break };
                 // "<master name> <old ip> <old port> <new ip> <new port>"
                 let payload = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
-                if payload.split(' ').next() == Some(name.as_str()) {
+                let parts: Vec<&str> = payload.split(' ').collect();
+                if let [name, _, _, ip, port] = parts[..]
+                    && name == sentinel.name
+                    && let Ok(port) = port.parse()
+                {
+                    sentinel.heard_switch((ip.to_owned(), port));
                     let _ = heard.try_send(());
                 }
             }
