@@ -17,6 +17,7 @@ mod fairness;
 mod keepalive;
 mod listing;
 mod lock_core;
+mod lockctl;
 mod min_hold;
 mod operations;
 mod python;
