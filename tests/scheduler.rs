@@ -364,7 +364,7 @@ fn readme_scheduler_examples_are_copied_from_code_that_runs() {
     assert!(!section.is_empty(), "README.md lost its scheduler section");
     for (lang, source) in [
         ("rust", "examples/scheduler/src/scheduler.rs"),
-        ("python", "examples/python/worker.py"),
+        ("python", "client/python/examples/worker.py"),
     ] {
         let fence = format!("```{lang}");
         let snippet: Vec<&str> = section
