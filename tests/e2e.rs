@@ -19,6 +19,7 @@ mod listing;
 mod lock_core;
 mod lockctl;
 mod min_hold;
+mod node;
 mod operations;
 mod python;
 mod redis_safety;
