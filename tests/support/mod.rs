@@ -5,8 +5,9 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -33,7 +34,8 @@ pub fn free_port() -> u16 {
     }
 }
 
-fn scratch_dir(what: &str) -> PathBuf {
+/// A fresh directory for one test's files, under the system's temporary directory.
+pub fn scratch_dir(what: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "lockd-test-{}-{what}-{}",
@@ -73,6 +75,32 @@ pub fn signal(pid: u32, sig: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// The binary `name` of the workspace package `package` (such as `lockctl`), built once per
+/// test run by the same cargo, into the same target directory and profile as `lockd`: cargo
+/// sets `CARGO_BIN_EXE_*` only for this package's own binaries.
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let dir = Path::new(env!("CARGO_BIN_EXE_lockd")).parent().unwrap();
+    let binary = dir.join(name);
+    // One build at a time, and each package once: concurrent tests wait for the first build.
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|p| p == package) {
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "--quiet", "-p", package]);
+        if dir.file_name().is_some_and(|profile| profile == "release") {
+            build.arg("--release");
+        }
+        let ok = build.status().is_ok_and(|status| status.success());
+        assert!(
+            ok && binary.exists(),
+            "could not build {}; run `cargo build -p {package}`",
+            binary.display()
+        );
+        built.push(package.to_owned());
+    }
+    binary
 }
 
 /// A real redis-server on a free port.
