@@ -23,6 +23,7 @@ mod node;
 mod operations;
 mod python;
 mod redis_safety;
+mod replicas;
 mod scheduler;
 mod semaphore;
 mod validation;

@@ -165,6 +165,7 @@ impl Renewal {
                     () = sleep_until(self.deadline) => End::Lost(LostReason::MaxHold),
                 };
             };
+            let used = self.client.endpoints().current();
             let opened = {
                 let open = self.open(ttl);
                 tokio::pin!(open);
@@ -196,6 +197,8 @@ impl Renewal {
             if is_definite(&status) {
                 return End::Lost(LostReason::Rejected(status.message().to_owned()));
             }
+            // Try the next lockd replica, if there are others.
+            self.client.endpoints().failed(used);
             let delay = self
                 .client
                 .retry_policy()

@@ -418,6 +418,8 @@ pub struct Setup {
     pub store: Store,
     /// The key prefix of this test on a shared Sentinel group or cluster.
     pub prefix: Option<String>,
+    /// The settings lockd was started with, for [`Setup::another_lockd`].
+    env: Vec<(String, String)>,
 }
 
 impl Setup {
@@ -443,14 +445,27 @@ impl Setup {
             prefix = Some(p);
         }
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let lockd = Lockd::start_with(redis.as_ref(), &all).await;
+        let pairs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let lockd = Lockd::start_with(redis.as_ref(), &pairs).await;
         Self {
             redis,
             lockd,
             store,
             prefix,
+            env: all,
         }
+    }
+
+    /// Another lockd replica on the same store and key prefix (not for the embedded store,
+    /// whose locks live in one process).
+    pub async fn another_lockd(&self) -> Lockd {
+        assert_ne!(self.store, Store::Memory, "memory lockds share nothing");
+        let pairs: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Lockd::start_with(self.redis.as_ref(), &pairs).await
     }
 
     /// On a shared Sentinel group or cluster, deletes this test's keys, so that many keys left
@@ -480,11 +495,13 @@ impl Setup {
                     .await
                     .unwrap();
                 let mut unlink = redis::pipe();
-                for key in keys {
+                for key in &keys {
                     // One key per command: a cluster refuses multi-key calls across slots.
                     unlink.cmd("UNLINK").arg(key).ignore();
                 }
-                let () = unlink.query_async(&mut c).await.unwrap();
+                if !keys.is_empty() {
+                    let () = unlink.query_async(&mut c).await.unwrap();
+                }
                 if next == 0 {
                     break;
                 }
@@ -515,6 +532,35 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name($crate::support::Store::Redis).await }
+            )*
+        }
+    };
+}
+
+/// Tests of several lockd replicas on one store: on a single Redis, a Sentinel group and a
+/// cluster.
+#[macro_export]
+macro_rules! replicas {
+    ($(async fn $name:ident($store:ident: Store) $body:block)*) => {
+        $(
+            async fn $name($store: $crate::support::Store) $body
+        )*
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Redis).await }
+            )*
+        }
+        mod sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Sentinel).await }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Cluster).await }
             )*
         }
     };
