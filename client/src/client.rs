@@ -223,7 +223,7 @@ impl ClientBuilder {
             (None, None) => Err(self
                 .endpoint("")
                 .err()
-                .map_or_else(|| Error::Protocol("no endpoint given".into()), |e| e)),
+                .unwrap_or_else(|| Error::Protocol("no endpoint given".into()))),
         }
     }
 
