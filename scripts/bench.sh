@@ -246,7 +246,12 @@ start_cluster() {
   for port in "${ports[@]}"; do wait_for_port "$port" "cluster node $port"; done
   local nodes=()
   for port in "${ports[@]}"; do nodes+=("127.0.0.1:$port"); done
-  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+  if [ "$n" -eq 1 ]; then
+    # redis-cli --cluster create wants 3 masters at least: one node takes every slot itself.
+    redis-cli -p "${ports[0]}" cluster addslotsrange 0 16383 >/dev/null
+  else
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+  fi
   for port in "${ports[@]}"; do
     until redis-cli -p "$port" cluster info | grep -q cluster_state:ok; do sleep 0.05; done
   done
