@@ -271,7 +271,7 @@ if [ "$RUN_CLUSTER" = yes ]; then
     echo "== cluster: lockd (pid $C_PID) on a Redis Cluster of $masters master(s) ($CLUSTER_SEEDS)"
     "${BENCH_PIN[@]}" "$ROOT/target/release/lockd-bench" \
       --target lockd \
-      --scenario uncontended,contended \
+      --scenario "${BENCH_CLUSTER_SCENARIOS:-uncontended,contended}" \
       --clients "${BENCH_CLUSTER_CLIENTS:-16,128}" \
       --connections "$CONNECTIONS" \
       --repeat "$REPEAT" \

@@ -321,9 +321,12 @@ fn parse_masters(nodes: &str) -> Vec<(String, u16)> {
             {
                 return None;
             }
-            // ip:port@cport[,hostname]
+            // ip:port@cport[,hostname]; the ip is empty on a node that never met another.
             let addr = fields.get(1)?.split('@').next()?;
-            parse_host_port(addr)
+            match addr.strip_prefix(':') {
+                Some(port) => Some((String::new(), port.parse().ok()?)),
+                None => parse_host_port(addr),
+            }
         })
         .collect()
 }
@@ -356,5 +359,7 @@ e 127.0.0.1:7005@17005 master - 0 0 5 connected
             parse_masters(nodes),
             vec![("127.0.0.1".into(), 7001), ("127.0.0.1".into(), 7002)]
         );
+        let alone = "a :7001@17001 myself,master - 0 0 0 connected 0-16383\n";
+        assert_eq!(parse_masters(alone), vec![(String::new(), 7001)]);
     }
 }
