@@ -23,6 +23,7 @@ mod python;
 mod redis_safety;
 mod scheduler;
 mod semaphore;
+mod session;
 mod validation;
 mod waiting;
 mod watch;
