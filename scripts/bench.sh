@@ -15,7 +15,9 @@
 # generator on CPU 0, so the servers never compete with the client for a core. Override with
 # SERVER_CPUS / BENCH_CPUS (taskset -c lists); with fewer than 2 cores nothing is pinned.
 #
-# Knobs (environment): BENCH_SCENARIOS (all, or a comma list), BENCH_WAITER_KINDS
+# Targets: redis-direct, lockd (unary RPCs), lockd-session (Acquire and Release on one Session
+# stream per connection, to the same lockd), lockd-memory.
+# Knobs (environment): BENCH_TARGETS (a comma list of the targets above), BENCH_SCENARIOS (all, or a comma list), BENCH_WAITER_KINDS
 # ("acquire watch keepalive"), BENCH_REPEAT (1: runs per load scenario, level and target; each
 # row is then the median-ops/s run), BENCH_DURATION (2s), BENCH_WARMUP (300ms), BENCH_CLIENTS
 # (1,16,128,1024), BENCH_CONNECTIONS (4), LOCKD_REDIS_POOL_SIZE (lockd's default: one per worker thread), and
@@ -183,7 +185,7 @@ times >"$TMP/times0"
 SERVERS0=$(( $(process_ticks "$REDIS_PID") + $(process_ticks "$LOCKD_PID") + $(process_ticks "$MEMORY_PID") ))
 if [ -n "$MAIN_SCENARIOS" ]; then
   "${BENCH_PIN[@]}" "$ROOT/target/release/lockd-bench" \
-    --target redis-direct,lockd,lockd-memory \
+    --target "${BENCH_TARGETS:-redis-direct,lockd,lockd-session,lockd-memory}" \
     --scenario "$MAIN_SCENARIOS" \
     --clients "$CLIENTS" \
     --connections "$CONNECTIONS" \

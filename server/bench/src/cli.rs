@@ -149,6 +149,9 @@ pub enum Target {
     Lockd,
     /// lockd over gRPC, with its in-memory backend: the cost of gRPC and lockd alone.
     LockdMemory,
+    /// lockd (the `--lockd-addr` server) with every Acquire and Release multiplexed on one
+    /// Session stream per connection; inspection stays unary.
+    LockdSession,
 }
 
 impl Target {
@@ -158,6 +161,7 @@ impl Target {
             Self::RedisDirect => "redis-direct",
             Self::Lockd => "lockd",
             Self::LockdMemory => "lockd-memory",
+            Self::LockdSession => "lockd-session",
         }
     }
 }

@@ -47,7 +47,7 @@ async fn main() -> ExitCode {
 fn address(args: &Args, target: Target) -> Result<&str> {
     let (addr, flag) = match target {
         Target::RedisDirect => (&args.redis_url, "--redis-url"),
-        Target::Lockd => (&args.lockd_addr, "--lockd-addr"),
+        Target::Lockd | Target::LockdSession => (&args.lockd_addr, "--lockd-addr"),
         Target::LockdMemory => (&args.lockd_memory_addr, "--lockd-memory-addr"),
     };
     addr.as_deref()
@@ -170,6 +170,10 @@ async fn bench(args: Args) -> Result<()> {
                 notes.push("memory: not measured for lockd-memory (no Redis).".to_owned());
                 continue;
             }
+            if session.target() == Target::LockdSession {
+                // The same layout in the same Redis as the lockd target (plus the renewer field).
+                continue;
+            }
             let m = memory::run(session, url, args.memory_locks, &run_id).await?;
             eprintln!(
                 "[memory] {:<12} {:.0} bytes per held lock, {:.0} bytes per released resource",
@@ -222,7 +226,10 @@ async fn bench(args: Args) -> Result<()> {
         let mut kinds = args.waiter_kinds.clone();
         kinds.sort();
         kinds.dedup();
-        for &target in targets.iter().filter(|t| **t != Target::RedisDirect) {
+        for &target in targets
+            .iter()
+            .filter(|t| !matches!(t, Target::RedisDirect | Target::LockdSession))
+        {
             let Some(server) = pids.server(target) else {
                 notes.push(format!(
                     "waiters: not run for {}: its RSS needs --{}-pid.",

@@ -71,7 +71,7 @@ impl Pids {
         });
         match target {
             Target::RedisDirect => redis.into_iter().collect(),
-            Target::Lockd => lockd.into_iter().chain(redis).collect(),
+            Target::Lockd | Target::LockdSession => lockd.into_iter().chain(redis).collect(),
             Target::LockdMemory => memory.into_iter().collect(),
         }
     }
@@ -80,7 +80,9 @@ impl Pids {
     pub fn server(&self, target: Target) -> Option<Process> {
         match target {
             Target::RedisDirect => None,
-            Target::Lockd => self.lockd.map(|pid| Process { name: "lockd", pid }),
+            Target::Lockd | Target::LockdSession => {
+                self.lockd.map(|pid| Process { name: "lockd", pid })
+            }
             Target::LockdMemory => self.lockd_memory.map(|pid| Process {
                 name: "lockd-memory",
                 pid,

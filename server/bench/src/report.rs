@@ -109,7 +109,7 @@ impl Report {
             .iter()
             .filter(|r| r.target == Target::RedisDirect && r.scenario != Scenario::Scale)
         {
-            for target in [Target::Lockd, Target::LockdMemory] {
+            for target in [Target::Lockd, Target::LockdSession, Target::LockdMemory] {
                 let Some(run) = self.find(base.scenario, target, base.clients) else {
                     continue;
                 };

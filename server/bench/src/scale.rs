@@ -217,7 +217,7 @@ impl Measure<'_> {
         for session in self
             .sessions
             .iter()
-            .filter(|s| s.target() != Target::LockdMemory)
+            .filter(|s| !matches!(s.target(), Target::LockdMemory | Target::LockdSession))
         {
             let tag_id = format!("{}-n{n}{}", self.run_id, if repeat { "r" } else { "" });
             let mut r = scenario::run(

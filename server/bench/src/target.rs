@@ -4,19 +4,24 @@
 //!   to take it, a compare-and-delete script (EVALSHA through `redis::Script`) to free it, `PTTL`
 //!   and `GET` to inspect it, and for a blocking take a `SET NX` retry loop with a short sleep.
 //! - lockd and lockd-memory are the generated gRPC client; lockd generates the tokens.
+//! - lockd-session sends Acquire and Release on one `Session` stream per connection, shared by
+//!   the connection's clients (as the Rust client shares one per `LockClient`); replies are
+//!   routed back by request id. Inspection and KeepAlive stay unary, as for lockd.
 //!
 //! Keeping a lease alive ([`Client::keep_alive`]): redis-direct renews with a compare-and-
 //! `PEXPIRE` script (EVALSHA), as Redis lock libraries extend; lockd opens one KeepAlive stream
 //! naming the lease, and every further (empty) message on it is a heartbeat that renews it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, AsyncConnectionConfig, Value};
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::lock_service_client::LockServiceClient;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -63,6 +68,78 @@ pub struct Session {
 enum Conn {
     Redis(MultiplexedConnection),
     Grpc(LockServiceClient<Channel>),
+    /// A Session stream for Acquire and Release, and the channel for everything else.
+    Session(Arc<Mux>, LockServiceClient<Channel>),
+}
+
+/// Requests that may wait in a Session stream's send buffer.
+const SESSION_BUFFER: usize = 1024;
+
+/// Callers waiting for their reply on a Session stream, by request id.
+type Pending = Mutex<HashMap<u64, oneshot::Sender<pb::session_response::Reply>>>;
+
+/// One Session stream shared by many clients: each request gets an id, and a task routes each
+/// reply to the caller waiting for that id.
+pub struct Mux {
+    tx: mpsc::Sender<pb::SessionRequest>,
+    pending: Arc<Pending>,
+    next_id: AtomicU64,
+}
+
+impl Mux {
+    async fn open(client: &mut LockServiceClient<Channel>) -> Result<Arc<Self>> {
+        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+        let mut replies = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        let pending: Arc<Pending> = Arc::default();
+        let routes = pending.clone();
+        tokio::spawn(async move {
+            // Loss reports (id 0) have no caller: the bench never heartbeats, and a lease it
+            // holds longer than its TTL is a failed run anyway.
+            while let Ok(Some(r)) = replies.message().await {
+                let caller = routes
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&r.request_id);
+                if let (Some(caller), Some(reply)) = (caller, r.reply) {
+                    let _ = caller.send(reply);
+                }
+            }
+            // The stream ended: every caller still waiting sees its reply channel closed.
+            routes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        });
+        Ok(Arc::new(Self {
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+        }))
+    }
+
+    /// Sends `op` and waits for its reply; a `SessionError` becomes an error.
+    async fn call(&self, op: pb::session_request::Op) -> Result<pb::session_response::Reply> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, tx);
+        let request = pb::SessionRequest {
+            request_id: id,
+            op: Some(op),
+            ..Default::default()
+        };
+        let ended = || Error::Unexpected("the Session stream ended".into());
+        self.tx.send(request).await.map_err(|_| ended())?;
+        match rx.await.map_err(|_| ended())? {
+            pb::session_response::Reply::Error(e) => Err(Error::Rpc(tonic::Status::new(
+                tonic::Code::from(e.code),
+                e.message,
+            ))),
+            reply => Ok(reply),
+        }
+    }
 }
 
 /// One simulated client: one request in flight at a time, on one of the session's connections.
@@ -92,6 +169,10 @@ impl Session {
             conns.push(match target {
                 Target::RedisDirect => Conn::Redis(redis_connection(address).await?),
                 Target::Lockd | Target::LockdMemory => Conn::Grpc(grpc_channel(address).await?),
+                Target::LockdSession => {
+                    let mut channel = grpc_channel(address).await?;
+                    Conn::Session(Mux::open(&mut channel).await?, channel)
+                }
             });
         }
         Ok(Self {
@@ -152,6 +233,46 @@ pub async fn grpc_channel(address: &str) -> Result<LockServiceClient<Channel>> {
             Err(e) if Instant::now() >= deadline => return Err(e.into()),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+/// An Acquire as every gRPC target sends it.
+fn acquire_request(
+    owner: &str,
+    resource: &str,
+    ttl: Duration,
+    wait: Option<Duration>,
+) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        resource: resource.to_owned(),
+        ttl: Some(proto_duration(ttl)),
+        wait_timeout: wait.map(proto_duration),
+        owner: owner.to_owned(),
+        token: String::new(),
+        labels: Default::default(),
+        // Newer fields (semaphore limit, fair waiting) keep their defaults: a plain mutex
+        // with the default waiting order.
+        ..Default::default()
+    }
+}
+
+/// The token of a granted Acquire, `None` when not granted.
+fn granted_token(reply: pb::AcquireResponse) -> Result<Option<String>> {
+    if !reply.acquired {
+        return Ok(None);
+    }
+    match reply.lease {
+        Some(lease) => Ok(Some(lease.token)),
+        None => Err(Error::Unexpected("acquired without a lease".into())),
+    }
+}
+
+/// A Release of `token`'s lease on `resource`, with no minimum hold: free at once.
+fn release_request(resource: &str, token: &str) -> pb::ReleaseRequest {
+    pb::ReleaseRequest {
+        resource: resource.to_owned(),
+        token: token.to_owned(),
+        ..Default::default()
     }
 }
 
@@ -217,31 +338,26 @@ impl Client {
                 }
             }
             Conn::Grpc(client) => {
-                let reply = client
-                    .acquire(pb::AcquireRequest {
-                        resource: resource.to_owned(),
-                        ttl: Some(proto_duration(ttl)),
-                        wait_timeout: wait.map(proto_duration),
-                        owner: self.owner.clone(),
-                        token: String::new(),
-                        labels: Default::default(),
-                        // Newer fields (semaphore limit, fair waiting) keep their defaults: a
-                        // plain mutex with the default waiting order.
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                if !reply.acquired {
-                    return Ok(None);
-                }
-                match reply.lease {
-                    Some(lease) => Ok(Some(lease.token)),
-                    None => Err(Error::Unexpected("acquired without a lease".into())),
+                let request = acquire_request(&self.owner, resource, ttl, wait);
+                granted_token(client.acquire(request).await?.into_inner())
+            }
+            Conn::Session(mux, _) => {
+                let op = pb::session_request::Op::Acquire(acquire_request(
+                    &self.owner,
+                    resource,
+                    ttl,
+                    wait,
+                ));
+                match mux.call(op).await? {
+                    pb::session_response::Reply::Acquire(r) => granted_token(r),
+                    other => Err(Error::Unexpected(format!("{other:?}"))),
                 }
             }
         }
     }
+}
 
+impl Client {
     /// Frees the lock on `resource` if `token` holds it. Returns whether it did.
     ///
     /// # Errors
@@ -258,15 +374,15 @@ impl Client {
                 Ok(deleted == 1)
             }
             Conn::Grpc(client) => {
-                let reply = client
-                    .release(pb::ReleaseRequest {
-                        resource: resource.to_owned(),
-                        token: token.to_owned(),
-                        // No minimum hold: free at once.
-                        ..Default::default()
-                    })
-                    .await?;
+                let reply = client.release(release_request(resource, token)).await?;
                 Ok(reply.into_inner().released)
+            }
+            Conn::Session(mux, _) => {
+                let op = pb::session_request::Op::Release(release_request(resource, token));
+                match mux.call(op).await? {
+                    pb::session_response::Reply::Release(r) => Ok(r.released),
+                    other => Err(Error::Unexpected(format!("{other:?}"))),
+                }
             }
         }
     }
@@ -284,7 +400,7 @@ impl Client {
                     .await?;
                 Ok(pttl != -2)
             }
-            Conn::Grpc(client) => {
+            Conn::Grpc(client) | Conn::Session(_, client) => {
                 let reply = client
                     .is_locked(pb::IsLockedRequest {
                         resource: resource.to_owned(),
@@ -308,7 +424,7 @@ impl Client {
                     .await?;
                 Ok(holder.is_some())
             }
-            Conn::Grpc(client) => {
+            Conn::Grpc(client) | Conn::Session(_, client) => {
                 let reply = client
                     .get_owner(pb::GetOwnerRequest {
                         resource: resource.to_owned(),
@@ -339,7 +455,7 @@ impl Client {
                 token: token.to_owned(),
                 ttl_ms: millis(ttl),
             }),
-            Conn::Grpc(client) => {
+            Conn::Grpc(client) | Conn::Session(_, client) => {
                 let lease = pb::LeaseRef {
                     resource: resource.to_owned(),
                     token: token.to_owned(),
