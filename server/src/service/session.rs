@@ -63,6 +63,9 @@ struct Bound {
     ttl: Duration,
     /// When it ends unless renewed, by the time lockd sent the call that last renewed it.
     end: Instant,
+    /// A heartbeat's renewal of it is in flight: its result, not the timer, decides whether it
+    /// is lost (the timer would report a loss that the renewal may undo in the backend).
+    renewing: bool,
 }
 
 /// What a finished operation hands back to the session loop, which alone changes its state.
@@ -172,7 +175,12 @@ impl<B: Backend> Session<B> {
             if ended && ops.is_empty() {
                 break;
             }
-            let next_end = self.leases.values().map(|b| b.end).min();
+            let next_end = self
+                .leases
+                .values()
+                .filter(|b| !b.renewing)
+                .map(|b| b.end)
+                .min();
             tokio::select! {
                 msg = inbound.next(), if !ended && self.quick < OPS_IN_FLIGHT => match msg {
                     Some(Ok(msg)) => self.begin(msg, &mut ops).await,
@@ -320,8 +328,9 @@ impl<B: Backend> Session<B> {
         let max_ttl = self.locks.limits().max_ttl;
         let renewals: Vec<_> = self
             .leases
-            .iter()
+            .iter_mut()
             .map(|(key, b)| {
+                b.renewing = true;
                 let params = ExtendParams {
                     resource: key.0.clone(),
                     token: b.token.clone(),
@@ -442,6 +451,7 @@ impl<B: Backend> Session<B> {
                 token: lease.token.clone(),
                 ttl,
                 end: started + lease.ttl,
+                renewing: false,
             },
         );
     }
@@ -460,6 +470,7 @@ impl<B: Backend> Session<B> {
             let Some(bound) = self.leases.get_mut(&key).filter(|b| b.bound_by == bound_by) else {
                 continue;
             };
+            bound.renewing = false;
             match result {
                 Ok(ExtendOutcome {
                     status: LeaseStatus::Ok,
@@ -486,7 +497,7 @@ impl<B: Backend> Session<B> {
         let now = Instant::now();
         let mut leases = Vec::new();
         self.leases.retain(|key, b| {
-            if b.end > now {
+            if b.end > now || b.renewing {
                 return true;
             }
             leases.push(lost(b.bound_by, &key.0, LeaseStatus::NotHeld));
