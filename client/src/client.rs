@@ -4,9 +4,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use lockd_proto::v1::session_request::Op;
+use lockd_proto::v1::session_response::Reply;
 use lockd_proto::v1::{
-    AcquireRequest, AcquireResponse, ExtendRequest, GetOwnerRequest, GetOwnerResponse, LeaseStatus,
-    ListLocksRequest, LockInfo, ReleaseRequest,
+    AcquireRequest, AcquireResponse, ExtendRequest, ExtendResponse, GetOwnerRequest,
+    GetOwnerResponse, LeaseStatus, ListLocksRequest, LockInfo, ReleaseRequest,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -17,6 +19,7 @@ use crate::guard::{LeaseInfo, LeaseState, LockGuard, Token, release_in_backgroun
 use crate::options::{LockOptions, LockRequest};
 use crate::renew::{self, Renewal};
 use crate::retry::RetryPolicy;
+use crate::session::Mux;
 use crate::{Client, proto};
 
 /// The default connect timeout: 5 s.
@@ -44,6 +47,8 @@ struct Config {
     retry: RetryPolicy,
     /// Used when a lock's options name no owner.
     owner: Option<String>,
+    /// The shared Session stream for Acquire, Release and Extend; `None`: unary calls.
+    session: Option<Mux>,
 }
 
 /// The result of an attempt to take a lock.
@@ -119,11 +124,26 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     retry: RetryPolicy,
     owner: Option<String>,
+    sessions: bool,
     #[cfg(feature = "tls")]
     tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ClientBuilder {
+    /// Whether `Acquire`, `Release` and `Extend` travel on one `Session` stream shared by the
+    /// client and its clones (default `true`). lockd binds the leases to that session: a lease
+    /// whose client dies ends by its TTL, and guards renew with `Extend` on it. Multiplexing
+    /// every call on one stream costs lockd less CPU per operation than a unary call each.
+    ///
+    /// `false` sends one unary RPC per call and keeps each guard alive on its own `KeepAlive`
+    /// stream, as lockd servers without the `Session` RPC need. Guards with
+    /// [`expire_on_close`](crate::LockOptions::expire_on_close) always use their own
+    /// `KeepAlive` stream.
+    pub fn sessions(mut self, enabled: bool) -> Self {
+        self.sessions = enabled;
+        self
+    }
+
     /// The limit on establishing the connection (default 5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -189,13 +209,15 @@ impl ClientBuilder {
     }
 
     fn client(self, channel: Channel) -> LockClient {
+        let inner = proto::LockServiceClient::new(channel);
         LockClient {
-            inner: proto::LockServiceClient::new(channel),
             config: Arc::new(Config {
                 request_timeout: self.request_timeout,
                 retry: self.retry,
                 owner: self.owner,
+                session: self.sessions.then(|| Mux::new(inner.clone())),
             }),
+            inner,
         }
     }
 }
@@ -218,6 +240,7 @@ impl LockClient {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retry: RetryPolicy::default(),
             owner: None,
+            sessions: true,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -557,25 +580,32 @@ impl LockClient {
                 let wait = wait_until
                     .map(|until| until.saturating_duration_since(Instant::now()))
                     .filter(|wait| !wait.is_zero());
-                let request = self.request(
-                    AcquireRequest {
-                        resource: resource.to_owned(),
-                        ttl: Some(to_proto_duration(ttl)),
-                        wait_timeout: wait.map(to_proto_duration),
-                        owner: owner.clone(),
-                        token: token.0.clone(),
-                        labels: options.labels.clone(),
-                        limit: options.limit,
-                        fair: options.fair,
-                        ..Default::default()
-                    },
-                    wait.unwrap_or_default(),
-                );
-                let mut raw = self.raw();
+                let message = AcquireRequest {
+                    resource: resource.to_owned(),
+                    ttl: Some(to_proto_duration(ttl)),
+                    wait_timeout: wait.map(to_proto_duration),
+                    owner: owner.clone(),
+                    token: token.0.clone(),
+                    labels: options.labels.clone(),
+                    limit: options.limit,
+                    fair: options.fair,
+                    ..Default::default()
+                };
+                let extra = wait.unwrap_or_default();
                 async move {
                     let sent = Instant::now();
-                    let reply = raw.acquire(request).await?;
-                    Ok((sent, reply.into_inner()))
+                    let reply = match self.session_call(Op::Acquire(message.clone()), extra) {
+                        Some(call) => match call.await? {
+                            Reply::Acquire(reply) => reply,
+                            other => return Err(unexpected(&other)),
+                        },
+                        None => self
+                            .raw()
+                            .acquire(self.request(message, extra))
+                            .await?
+                            .into_inner(),
+                    };
+                    Ok((sent, reply))
                 }
             })
             .await?;
@@ -597,28 +627,46 @@ impl LockClient {
         let reply = self
             .config
             .retry
-            .run(|| {
-                let request = self.request(
-                    ExtendRequest {
-                        resource: resource.to_owned(),
-                        token: token.0.clone(),
-                        ttl: Some(to_proto_duration(ttl)),
-                        replace_ttl: true,
-                        ..Default::default()
-                    },
-                    Duration::ZERO,
-                );
-                let mut raw = self.raw();
-                async move { raw.extend(request).await }
-            })
-            .await?
-            .into_inner();
+            .run(|| self.extend_once(resource, token, ttl))
+            .await?;
         if !reply.extended {
             return Ok(None);
         }
         let lease = reply.lease.unwrap_or_default();
         let granted = lease.ttl.and_then(to_std_duration).unwrap_or(ttl).min(ttl);
         Ok(Some((granted, lease.expires_at.and_then(from_timestamp))))
+    }
+
+    /// One `Extend` of `token`'s lease to `ttl` (replacing the remaining time), on the session
+    /// when there is one (which binds the lease to it), without retries.
+    #[allow(
+        clippy::needless_update,
+        reason = "fields added to the proto later must not break this"
+    )]
+    pub(crate) async fn extend_once(
+        &self,
+        resource: &str,
+        token: &Token,
+        ttl: Duration,
+    ) -> Result<ExtendResponse, tonic::Status> {
+        let message = ExtendRequest {
+            resource: resource.to_owned(),
+            token: token.0.clone(),
+            ttl: Some(to_proto_duration(ttl)),
+            replace_ttl: true,
+            ..Default::default()
+        };
+        match self.session_call(Op::Extend(message.clone()), Duration::ZERO) {
+            Some(call) => match call.await? {
+                Reply::Extend(reply) => Ok(reply),
+                other => Err(unexpected(&other)),
+            },
+            None => Ok(self
+                .raw()
+                .extend(self.request(message, Duration::ZERO))
+                .await?
+                .into_inner()),
+        }
     }
 
     /// Releases `token`'s lease (keeping it `min_hold` after the grant), retrying
@@ -657,21 +705,48 @@ impl LockClient {
     ) -> Result<bool, Error> {
         let reply = retry
             .run(|| {
-                let request = self.request(
-                    ReleaseRequest {
-                        resource: resource.to_owned(),
-                        token: token.0.clone(),
-                        min_hold: min_hold.map(to_proto_duration),
-                        ..Default::default()
-                    },
-                    Duration::ZERO,
-                );
-                let mut raw = self.raw();
-                async move { raw.release(request).await }
+                let message = ReleaseRequest {
+                    resource: resource.to_owned(),
+                    token: token.0.clone(),
+                    min_hold: min_hold.map(to_proto_duration),
+                    ..Default::default()
+                };
+                async move {
+                    match self.session_call(Op::Release(message.clone()), Duration::ZERO) {
+                        Some(call) => match call.await? {
+                            Reply::Release(reply) => Ok(reply),
+                            other => Err(unexpected(&other)),
+                        },
+                        None => Ok(self
+                            .raw()
+                            .release(self.request(message, Duration::ZERO))
+                            .await?
+                            .into_inner()),
+                    }
+                }
             })
-            .await?
-            .into_inner();
+            .await?;
         Ok(reply.released || reply.status() == LeaseStatus::Ok)
+    }
+
+    /// `op` on the shared session, within the request timeout plus `extra`; `None` when the
+    /// client sends unary calls.
+    fn session_call(
+        &self,
+        op: Op,
+        extra: Duration,
+    ) -> Option<impl Future<Output = Result<Reply, tonic::Status>> + '_> {
+        let limit = self.config.request_timeout.saturating_add(extra);
+        self.config
+            .session
+            .as_ref()
+            .map(move |mux| mux.call(op, limit))
+    }
+
+    /// Whether guards renew through the shared session (with `Extend`) rather than a
+    /// `KeepAlive` stream each.
+    pub(crate) fn has_session(&self) -> bool {
+        self.config.session.is_some()
     }
 
     /// A request carrying the request timeout plus `extra` as its deadline.
@@ -688,6 +763,11 @@ impl LockClient {
     pub(crate) fn retry_policy(&self) -> &RetryPolicy {
         &self.config.retry
     }
+}
+
+/// The error for a Session reply that answers another kind of request.
+fn unexpected(reply: &Reply) -> tonic::Status {
+    tonic::Status::internal(format!("unexpected Session reply: {reply:?}"))
 }
 
 /// A std duration as a protobuf one (saturating at the protobuf range).
