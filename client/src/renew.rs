@@ -212,12 +212,7 @@ impl Renewal {
             if is_definite(&status) {
                 return End::Lost(LostReason::Rejected(status.message().to_owned()));
             }
-            let delay = self
-                .client
-                .retry_policy()
-                .backoff(retry)
-                .min(period(self.ttl) / 2);
-            retry = retry.saturating_add(1);
+            let delay = self.retry_delay(&mut retry);
             tracing::debug!(
                 resource = %self.resource, error = %status.message(), ?delay,
                 "KeepAlive stream failed; opening another until the lease's deadline"
@@ -291,12 +286,7 @@ impl Renewal {
                     return End::Lost(LostReason::Rejected(status.message().to_owned()));
                 }
                 Err(status) => {
-                    let delay = self
-                        .client
-                        .retry_policy()
-                        .backoff(retry)
-                        .min(period(self.ttl) / 2);
-                    retry = retry.saturating_add(1);
+                    let delay = self.retry_delay(&mut retry);
                     tracing::debug!(
                         resource = %self.resource, error = %status.message(), ?delay,
                         "renewal on the Session stream failed; retrying until the lease's deadline"
@@ -467,6 +457,18 @@ impl Renewal {
         };
         let left = until.saturating_duration_since(Instant::now());
         (left >= MIN_TTL).then_some(left.min(self.ttl))
+    }
+
+    /// The pause before retry number `retry` (counted up) of a failed renewal: the client's
+    /// backoff, at most half a renewal period.
+    fn retry_delay(&self, retry: &mut u32) -> Duration {
+        let delay = self
+            .client
+            .retry_policy()
+            .backoff(*retry)
+            .min(period(self.ttl) / 2);
+        *retry = retry.saturating_add(1);
+        delay
     }
 
     /// Whether the maximum hold allows no renewal beyond the current lease.
