@@ -293,6 +293,26 @@ async fn guards_of_one_client_and_its_clones_share_one_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_given_up_by_the_caller_is_given_up_at_lockd() {
+    // A waiting lock() whose future is dropped must not be granted later and hold the lock for
+    // its TTL with nobody to release it (on the session, the drop sends a cancel).
+    let setup = redis_setup().await;
+    let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);
+    let ttl = Duration::from_secs(30);
+    let holder = acquired(a.try_lock("given-up", ttl).await.unwrap());
+    let gave_up = timeout(300 * MS, b.lock("given-up", ttl, Duration::from_secs(10))).await;
+    assert!(gave_up.is_err(), "the wait should still be running");
+    sleep(200 * MS).await;
+    assert!(holder.release().await.unwrap());
+    sleep(300 * MS).await;
+    let mut raw = setup.client().await;
+    assert!(
+        !is_locked(&mut raw, "given-up").await.locked,
+        "the abandoned wait took the lock"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_guard_releases_promptly_and_stops_renewal() {
     let setup = redis_setup().await;
     let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);

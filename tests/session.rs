@@ -5,8 +5,8 @@ use std::time::Duration;
 use lockd_client::proto::session_request::Op;
 use lockd_client::proto::session_response::Reply;
 use lockd_client::proto::{
-    AcquireResponse, ExtendRequest, LeaseStatus, ReleaseRequest, SessionHeartbeat, SessionRequest,
-    SessionResponse,
+    AcquireResponse, ExtendRequest, LeaseStatus, ReleaseRequest, SessionCancel, SessionHeartbeat,
+    SessionRequest, SessionResponse,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -266,6 +266,26 @@ crate::conformance! {
         }
         seen.sort_unstable();
         assert_eq!(seen, [2, 3]);
+    }
+
+    async fn a_cancelled_wait_is_answered_cancelled_and_never_granted(store: Store) {
+        let s = Setup::new(store).await;
+        let mut c = s.client().await;
+        let lease = acquire_ok(&mut c, "job-1", 30.0).await;
+        let mut session = Open::new(&mut c).await;
+        let mut wait = acquire_req("job-1", 30.0);
+        wait.wait_timeout = Some(secs(10.0));
+        session.send(5, Op::Acquire(wait)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        session.send(5, Op::Cancel(SessionCancel {})).await;
+        let r = session.next().await;
+        assert_eq!(r.request_id, 5);
+        let Some(Reply::Error(e)) = r.reply else { panic!("{r:?}") };
+        assert_eq!(e.code, tonic::Code::Cancelled as i32);
+        // The lock frees and nobody on the session takes it.
+        release(&mut c, &lease).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!is_locked(&mut c, "job-1").await.locked);
     }
 
     async fn a_session_holds_at_most_the_per_stream_lease_limit(store: Store) {

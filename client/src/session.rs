@@ -11,7 +11,12 @@
 //! **Failures.** When the stream ends or fails, every call waiting on it fails with
 //! `UNAVAILABLE` (the client's retry policy applies, and an Acquire is retried with the same
 //! token), and the next call opens a new stream. A call that gets no reply within its time limit
-//! fails with `DEADLINE_EXCEEDED`; its reply, if it comes later, is dropped.
+//! fails with `DEADLINE_EXCEEDED`.
+//!
+//! **Cancellation.** A call whose future is dropped (or times out) before its reply sends a
+//! `cancel` naming it, so lockd gives up a wait as it would for a cancelled unary call. If the
+//! Acquire was granted before the cancel arrived, the reply task releases that lease on the
+//! stream, so a lock nobody waits for any more is not held until its TTL.
 //!
 //! [`LockClient`]: crate::LockClient
 
@@ -22,7 +27,9 @@ use std::time::Duration;
 
 use lockd_proto::v1::session_request::Op;
 use lockd_proto::v1::session_response::Reply;
-use lockd_proto::v1::{SessionRequest, SessionResponse};
+use lockd_proto::v1::{
+    AcquireResponse, ReleaseRequest, SessionCancel, SessionRequest, SessionResponse,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
@@ -32,8 +39,16 @@ use crate::Client;
 /// Requests that may wait to be sent on the stream (HTTP/2 flow control holds the rest back).
 const SEND_BUFFER: usize = 256;
 
-/// Callers waiting for their reply, by request id.
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Reply, Status>>>>;
+/// Who waits for a reply.
+enum Waiter {
+    /// A caller.
+    Call(oneshot::Sender<Result<Reply, Status>>),
+    /// A caller that went away: a lease its Acquire was granted is released.
+    Abandoned,
+}
+
+/// Replies awaited, by request id.
+type Pending = Mutex<HashMap<u64, Waiter>>;
 
 /// One open stream.
 struct Live {
@@ -42,6 +57,7 @@ struct Live {
     pending: Arc<Pending>,
     /// Set by the reply task when the stream ended or failed.
     dead: Arc<AtomicBool>,
+    next_id: Arc<AtomicU64>,
 }
 
 /// The shared session of a client and its clones.
@@ -49,7 +65,71 @@ pub(crate) struct Mux {
     raw: Client,
     /// The current stream; replaced (under this lock) when it has died.
     live: tokio::sync::Mutex<Option<Arc<Live>>>,
-    next_id: AtomicU64,
+}
+
+/// A call sent and not answered yet: dropped before its reply (cancelled, or timed out), it
+/// cancels the operation at lockd and has a granted lease released.
+struct InFlight {
+    live: Arc<Live>,
+    id: u64,
+    rx: oneshot::Receiver<Result<Reply, Status>>,
+    answered: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let waiting = match self
+            .live
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&self.id)
+        {
+            Some(waiter) => {
+                *waiter = Waiter::Abandoned;
+                true
+            }
+            None => false,
+        };
+        if waiting {
+            let cancel = SessionRequest {
+                request_id: self.id,
+                expire_on_close: false,
+                op: Some(Op::Cancel(SessionCancel {})),
+            };
+            // Full: lockd is not reading; the reply task then releases a granted lease.
+            let _ = self.live.tx.try_send(cancel);
+        } else if let Ok(Ok(reply)) = self.rx.try_recv() {
+            // Answered just before the caller went away.
+            release_granted(&self.live.tx, &self.live.next_id, reply);
+        }
+    }
+}
+
+/// Releases the lease of a granted Acquire that nobody waits for, without waiting for the
+/// answer (the lease's TTL is the backstop).
+fn release_granted(tx: &mpsc::Sender<SessionRequest>, next_id: &AtomicU64, reply: Reply) {
+    let Reply::Acquire(AcquireResponse {
+        acquired: true,
+        lease: Some(lease),
+        ..
+    }) = reply
+    else {
+        return;
+    };
+    let release = SessionRequest {
+        request_id: next_id.fetch_add(1, Ordering::Relaxed),
+        expire_on_close: false,
+        op: Some(Op::Release(ReleaseRequest {
+            resource: lease.resource,
+            token: lease.token,
+            ..Default::default()
+        })),
+    };
+    let _ = tx.try_send(release);
 }
 
 impl std::fmt::Debug for Mux {
@@ -64,7 +144,6 @@ impl Mux {
         Self {
             raw,
             live: tokio::sync::Mutex::new(None),
-            next_id: AtomicU64::new(1),
         }
     }
 
@@ -74,12 +153,12 @@ impl Mux {
         let live = tokio::time::timeout(limit, self.live())
             .await
             .map_err(|_| Status::deadline_exceeded("the Session stream did not open in time"))??;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = live.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         live.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, tx);
+            .insert(id, Waiter::Call(tx));
         // The reply task may have died between the check in `live()` and the insert above.
         if live.dead.load(Ordering::Acquire) {
             forget(&live.pending, id);
@@ -94,14 +173,20 @@ impl Mux {
             forget(&live.pending, id);
             return Err(Status::unavailable("the Session stream is closed"));
         }
-        match tokio::time::timeout(limit, rx).await {
+        let mut call = InFlight {
+            live,
+            id,
+            rx,
+            answered: false,
+        };
+        let result = match tokio::time::timeout(limit, &mut call.rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Status::unavailable("the Session stream ended")),
-            Err(_) => {
-                forget(&live.pending, id);
-                Err(Status::deadline_exceeded("lockd did not answer in time"))
-            }
-        }
+            // Dropping `call` below gives the operation up at lockd.
+            Err(_) => return Err(Status::deadline_exceeded("lockd did not answer in time")),
+        };
+        call.answered = true;
+        result
     }
 
     /// The open stream, opening one when there is none or it died.
@@ -123,10 +208,30 @@ impl Mux {
             tx,
             pending: Arc::default(),
             dead: Arc::default(),
+            next_id: Arc::new(AtomicU64::new(1)),
         });
-        tokio::spawn(route(replies, live.pending.clone(), live.dead.clone()));
+        tokio::spawn(route(replies, live.clone_parts()));
         *slot = Some(live.clone());
         Ok(live)
+    }
+}
+
+/// What the reply task needs of a stream: not its sender, whose drop ends the stream.
+struct Parts {
+    pending: Arc<Pending>,
+    dead: Arc<AtomicBool>,
+    next_id: Arc<AtomicU64>,
+    tx: mpsc::WeakSender<SessionRequest>,
+}
+
+impl Live {
+    fn clone_parts(&self) -> Parts {
+        Parts {
+            pending: self.pending.clone(),
+            dead: self.dead.clone(),
+            next_id: self.next_id.clone(),
+            tx: self.tx.downgrade(),
+        }
     }
 }
 
@@ -139,27 +244,32 @@ fn forget(pending: &Pending, id: u64) {
 
 /// Routes each reply to its caller until the stream ends, then fails every call still waiting.
 /// Loss reports (request id 0) have no caller: guards learn of a loss from their renewals.
-async fn route(
-    mut replies: Streaming<SessionResponse>,
-    pending: Arc<Pending>,
-    dead: Arc<AtomicBool>,
-) {
+async fn route(mut replies: Streaming<SessionResponse>, parts: Parts) {
     let why = loop {
         match replies.message().await {
             Ok(Some(SessionResponse {
                 request_id,
                 reply: Some(reply),
             })) => {
-                let caller = pending
+                let waiter = parts
+                    .pending
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&request_id);
-                if let Some(caller) = caller {
-                    let result = match reply {
-                        Reply::Error(e) => Err(Status::new(Code::from(e.code), e.message)),
-                        reply => Ok(reply),
-                    };
-                    let _ = caller.send(result);
+                match waiter {
+                    Some(Waiter::Call(caller)) => {
+                        let result = match reply {
+                            Reply::Error(e) => Err(Status::new(Code::from(e.code), e.message)),
+                            reply => Ok(reply),
+                        };
+                        let _ = caller.send(result);
+                    }
+                    Some(Waiter::Abandoned) => {
+                        if let Some(tx) = parts.tx.upgrade() {
+                            release_granted(&tx, &parts.next_id, reply);
+                        }
+                    }
+                    None => {}
                 }
             }
             Ok(Some(_)) => {}
@@ -169,13 +279,16 @@ async fn route(
             }
         }
     };
-    dead.store(true, Ordering::Release);
-    let callers: Vec<_> = pending
+    parts.dead.store(true, Ordering::Release);
+    let waiters: Vec<_> = parts
+        .pending
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .drain()
         .collect();
-    for (_, caller) in callers {
-        let _ = caller.send(Err(why.clone()));
+    for (_, waiter) in waiters {
+        if let Waiter::Call(caller) = waiter {
+            let _ = caller.send(Err(why.clone()));
+        }
     }
 }

@@ -92,6 +92,7 @@ impl Mux {
         let mut replies = client.session(ReceiverStream::new(rx)).await?.into_inner();
         let pending: Arc<Pending> = Arc::default();
         let routes = pending.clone();
+        let releases = tx.downgrade();
         tokio::spawn(async move {
             // Loss reports (id 0) have no caller: the bench never heartbeats, and a lease it
             // holds longer than its TTL is a failed run anyway.
@@ -100,8 +101,18 @@ impl Mux {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&r.request_id);
-                if let (Some(caller), Some(reply)) = (caller, r.reply) {
-                    let _ = caller.send(reply);
+                match (caller, r.reply) {
+                    (Some(caller), Some(reply)) => {
+                        let _ = caller.send(reply);
+                    }
+                    // A wait cancelled at the end of a run may have been granted first: free
+                    // it, or it would block the next run on the same resource for its TTL.
+                    (None, Some(reply)) => {
+                        if let Some(tx) = releases.upgrade() {
+                            release_granted(&tx, reply);
+                        }
+                    }
+                    _ => {}
                 }
             }
             // The stream ended: every caller still waiting sees its reply channel closed.
@@ -117,7 +128,8 @@ impl Mux {
         }))
     }
 
-    /// Sends `op` and waits for its reply; a `SessionError` becomes an error.
+    /// Sends `op` and waits for its reply; a `SessionError` becomes an error. Dropped before
+    /// the reply (a wait cancelled when a run ends), it cancels the operation at lockd.
     async fn call(&self, op: pb::session_request::Op) -> Result<pb::session_response::Reply> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -125,6 +137,7 @@ impl Mux {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, tx);
+        let mut waiting = Waiting { mux: self, id, rx };
         let request = pb::SessionRequest {
             request_id: id,
             op: Some(op),
@@ -132,13 +145,60 @@ impl Mux {
         };
         let ended = || Error::Unexpected("the Session stream ended".into());
         self.tx.send(request).await.map_err(|_| ended())?;
-        match rx.await.map_err(|_| ended())? {
+        match (&mut waiting.rx).await.map_err(|_| ended())? {
             pb::session_response::Reply::Error(e) => Err(Error::Rpc(tonic::Status::new(
                 tonic::Code::from(e.code),
                 e.message,
             ))),
             reply => Ok(reply),
         }
+    }
+}
+
+/// A call waiting for its reply; dropped first, it cancels the operation at lockd, and frees a
+/// lease granted just before.
+struct Waiting<'a> {
+    mux: &'a Mux,
+    id: u64,
+    rx: oneshot::Receiver<pb::session_response::Reply>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let pending = self
+            .mux
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        if pending.is_some() {
+            let _ = self.mux.tx.try_send(pb::SessionRequest {
+                request_id: self.id,
+                op: Some(pb::session_request::Op::Cancel(pb::SessionCancel {})),
+                ..Default::default()
+            });
+        } else if let Ok(reply) = self.rx.try_recv() {
+            release_granted(&self.mux.tx, reply);
+        }
+    }
+}
+
+/// Releases the lease of a granted Acquire that nobody waits for (the reply is not read).
+fn release_granted(tx: &mpsc::Sender<pb::SessionRequest>, reply: pb::session_response::Reply) {
+    if let pb::session_response::Reply::Acquire(pb::AcquireResponse {
+        acquired: true,
+        lease: Some(lease),
+        ..
+    }) = reply
+    {
+        let _ = tx.try_send(pb::SessionRequest {
+            request_id: 0,
+            op: Some(pb::session_request::Op::Release(release_request(
+                &lease.resource,
+                &lease.token,
+            ))),
+            ..Default::default()
+        });
     }
 }
 

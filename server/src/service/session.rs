@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use tracing::info;
 
@@ -107,6 +108,8 @@ pub struct Session<B> {
     reserved: usize,
     /// Quick operations in flight (see [`OPS_IN_FLIGHT`]).
     quick: usize,
+    /// Acquires in flight by request id, to give them up on a cancel.
+    cancels: HashMap<u64, CancellationToken>,
     /// Whether a renewal of all leases runs now, and the heartbeats waiting for the next one.
     renewing: bool,
     heartbeats: Vec<u64>,
@@ -158,6 +161,7 @@ impl<B: Backend> Session<B> {
             leases: HashMap::new(),
             reserved: 0,
             quick: 0,
+            cancels: HashMap::new(),
             renewing: false,
             heartbeats: Vec::new(),
             expire_on_close: None,
@@ -218,6 +222,12 @@ impl<B: Backend> Session<B> {
             Some(pb::session_request::Op::Acquire(r)) => self.begin_acquire(id, r),
             Some(pb::session_request::Op::Release(r)) => self.begin_release(id, r),
             Some(pb::session_request::Op::Extend(r)) => self.begin_extend(id, r),
+            Some(pb::session_request::Op::Cancel(_)) => {
+                if let Some(cancel) = self.cancels.get(&id) {
+                    cancel.cancel();
+                }
+                Ok(None)
+            }
             Some(pb::session_request::Op::Heartbeat(_)) | None => {
                 self.heartbeats.push(id);
                 self.quick += 1;
@@ -256,10 +266,16 @@ impl<B: Backend> Session<B> {
         if !waited {
             self.quick += 1;
         }
+        let cancel = CancellationToken::new();
+        self.cancels.insert(id, cancel.clone());
         let locks = self.locks.clone();
         Ok(Some(Box::pin(async move {
             let started = Instant::now();
-            let result = locks.acquire(&req.params, req.wait).await;
+            // A cancel drops the acquire, as tonic drops a unary call whose client went away.
+            let result = tokio::select! {
+                r = locks.acquire(&req.params, req.wait) => r,
+                () = cancel.cancelled() => Err(Error::Cancelled),
+            };
             Done::Acquired {
                 id,
                 started,
@@ -371,6 +387,7 @@ impl<B: Backend> Session<B> {
                 result,
             } => {
                 self.reserved -= 1;
+                self.cancels.remove(&id);
                 if !waited {
                     self.quick -= 1;
                 }
