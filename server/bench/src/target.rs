@@ -7,6 +7,10 @@
 //! - lockd-session sends Acquire and Release on one `Session` stream per connection, shared by
 //!   the connection's clients (as the Rust client shares one per `LockClient`); replies are
 //!   routed back by request id. Inspection and KeepAlive stay unary, as for lockd.
+//! - etcd is etcd's v3lock API, the nearest gRPC lock service: each client grants itself a
+//!   lease (the TTL, in whole seconds) on first use, then `Lock(name, lease)` blocks until the
+//!   lock is held (a try is a Lock with a 1 s deadline) and `Unlock(key)` frees it. Only the
+//!   uncontended and contended scenarios run against it.
 //!
 //! Keeping a lease alive ([`Client::keep_alive`]): redis-direct renews with a compare-and-
 //! `PEXPIRE` script (EVALSHA), as Redis lock libraries extend; lockd opens one KeepAlive stream
@@ -28,6 +32,20 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::Target;
 use crate::error::{Error, Result};
+
+/// etcd's clients (lease grants, v3lock), generated from `server/bench/proto`.
+mod etcd {
+    #![allow(missing_docs, clippy::all)]
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+}
+
+/// How long an etcd Lock without a wait may take: v3lock has no try, only a blocking Lock.
+const ETCD_TRY: Duration = Duration::from_secs(1);
 
 /// Prefix of redis-direct keys: `lockd-bench:{<resource>}`.
 const DIRECT_PREFIX: &str = "lockd-bench";
@@ -70,6 +88,8 @@ enum Conn {
     Grpc(LockServiceClient<Channel>),
     /// A Session stream for Acquire and Release, and the channel for everything else.
     Session(Arc<Mux>, LockServiceClient<Channel>),
+    /// etcd's lease and v3lock services on one channel.
+    Etcd(Channel),
 }
 
 /// Requests that may wait in a Session stream's send buffer.
@@ -211,6 +231,8 @@ pub struct Client {
     owner: String,
     /// redis-direct tokens are `<owner>-<n>`; lockd generates its own.
     next_token: u64,
+    /// The etcd lease this client's locks are held by, once granted.
+    etcd_lease: Option<i64>,
 }
 
 impl Session {
@@ -233,6 +255,7 @@ impl Session {
                     let mut channel = grpc_channel(address).await?;
                     Conn::Session(Mux::open(&mut channel).await?, channel)
                 }
+                Target::Etcd => Conn::Etcd(endpoint(address)?.connect().await?),
             });
         }
         Ok(Self {
@@ -259,6 +282,7 @@ impl Session {
             poll_interval: self.poll_interval,
             owner: format!("bench-client-{:07}", index % 10_000_000),
             next_token: 0,
+            etcd_lease: None,
         }
     }
 }
@@ -283,9 +307,7 @@ pub async fn redis_connection(url: &str) -> Result<MultiplexedConnection> {
 /// # Errors
 /// Fails when the address is invalid or lockd does not accept connections within 15s.
 pub async fn grpc_channel(address: &str) -> Result<LockServiceClient<Channel>> {
-    let endpoint = Endpoint::from_shared(address.to_owned())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2));
+    let endpoint = endpoint(address)?;
     let deadline = Instant::now() + CONNECT_PATIENCE;
     loop {
         match endpoint.connect().await {
@@ -316,6 +338,32 @@ fn acquire_request(
     }
 }
 
+/// A lease of `ttl` (whole seconds, at least 1) for an etcd client's locks.
+async fn etcd_lease(channel: &Channel, ttl: Duration) -> Result<i64> {
+    let mut leases = etcd::etcdserverpb::lease_client::LeaseClient::new(channel.clone());
+    let granted = leases
+        .lease_grant(etcd::etcdserverpb::LeaseGrantRequest {
+            ttl: i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX),
+            id: 0,
+        })
+        .await?
+        .into_inner();
+    if granted.error.is_empty() {
+        Ok(granted.id)
+    } else {
+        Err(Error::Unexpected(format!(
+            "etcd LeaseGrant: {}",
+            granted.error
+        )))
+    }
+}
+
+fn etcd_unsupported(what: &str) -> Error {
+    Error::Usage(format!(
+        "the etcd target has no {what}: run uncontended and contended only"
+    ))
+}
+
 /// The token of a granted Acquire, `None` when not granted.
 fn granted_token(reply: pb::AcquireResponse) -> Result<Option<String>> {
     if !reply.acquired {
@@ -334,6 +382,13 @@ fn release_request(resource: &str, token: &str) -> pb::ReleaseRequest {
         token: token.to_owned(),
         ..Default::default()
     }
+}
+
+/// An HTTP/2 endpoint with the bench's settings.
+fn endpoint(address: &str) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(address.to_owned())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2)))
 }
 
 fn direct_key(resource: &str) -> String {
@@ -401,6 +456,37 @@ impl Client {
                 let request = acquire_request(&self.owner, resource, ttl, wait);
                 granted_token(client.acquire(request).await?.into_inner())
             }
+            Conn::Etcd(channel) => {
+                let lease = match self.etcd_lease {
+                    Some(lease) => lease,
+                    None => {
+                        let lease = etcd_lease(channel, ttl).await?;
+                        self.etcd_lease = Some(lease);
+                        lease
+                    }
+                };
+                let mut request = tonic::Request::new(etcd::v3lockpb::LockRequest {
+                    name: format!("{DIRECT_PREFIX}/{resource}").into_bytes(),
+                    lease,
+                });
+                request.set_timeout(wait.unwrap_or(ETCD_TRY));
+                let mut lock = etcd::v3lockpb::lock_client::LockClient::new(channel.clone());
+                match lock.lock(request).await {
+                    Ok(reply) => Ok(Some(
+                        String::from_utf8_lossy(&reply.into_inner().key).into_owned(),
+                    )),
+                    // Still held when the wait ended.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                        ) =>
+                    {
+                        Ok(None)
+                    }
+                    Err(s) => Err(s.into()),
+                }
+            }
             Conn::Session(mux, _) => {
                 let op = pb::session_request::Op::Acquire(acquire_request(
                     &self.owner,
@@ -437,6 +523,14 @@ impl Client {
                 let reply = client.release(release_request(resource, token)).await?;
                 Ok(reply.into_inner().released)
             }
+            Conn::Etcd(channel) => {
+                let mut lock = etcd::v3lockpb::lock_client::LockClient::new(channel.clone());
+                lock.unlock(etcd::v3lockpb::UnlockRequest {
+                    key: token.as_bytes().to_vec(),
+                })
+                .await?;
+                Ok(true)
+            }
             Conn::Session(mux, _) => {
                 let op = pb::session_request::Op::Release(release_request(resource, token));
                 match mux.call(op).await? {
@@ -460,6 +554,7 @@ impl Client {
                     .await?;
                 Ok(pttl != -2)
             }
+            Conn::Etcd(_) => Err(etcd_unsupported("IsLocked")),
             Conn::Grpc(client) | Conn::Session(_, client) => {
                 let reply = client
                     .is_locked(pb::IsLockedRequest {
@@ -484,6 +579,7 @@ impl Client {
                     .await?;
                 Ok(holder.is_some())
             }
+            Conn::Etcd(_) => Err(etcd_unsupported("GetOwner")),
             Conn::Grpc(client) | Conn::Session(_, client) => {
                 let reply = client
                     .get_owner(pb::GetOwnerRequest {
@@ -515,6 +611,7 @@ impl Client {
                 token: token.to_owned(),
                 ttl_ms: millis(ttl),
             }),
+            Conn::Etcd(_) => Err(etcd_unsupported("KeepAlive")),
             Conn::Grpc(client) | Conn::Session(_, client) => {
                 let lease = pb::LeaseRef {
                     resource: resource.to_owned(),
