@@ -92,7 +92,7 @@ if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   BENCH_CPUS=${BENCH_CPUS:-0}
   SERVER_PIN=(taskset -c "$SERVER_CPUS")
   BENCH_PIN=(taskset -c "$BENCH_CPUS")
-  PLACEMENT="redis-server + lockd + lockd-memory on CPU $SERVER_CPUS; lockd-bench on CPU $BENCH_CPUS"
+  PLACEMENT="redis-server + lockd + lockd-memory (+ etcd) on CPU $SERVER_CPUS; lockd-bench on CPU $BENCH_CPUS"
 else
   PLACEMENT="not pinned ($(nproc) CPUs, taskset $(command -v taskset >/dev/null && echo present || echo missing))"
 fi
