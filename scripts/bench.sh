@@ -16,7 +16,13 @@
 # generator on CPU 0, so the servers never compete with the client for a core. Override with
 # SERVER_CPUS / BENCH_CPUS (taskset -c lists); with fewer than 2 cores nothing is pinned.
 #
-# Knobs (environment): BENCH_SCENARIOS (all, or a comma list), BENCH_WAITER_KINDS
+# Targets: redis-direct, lockd (unary RPCs), lockd-session (Acquire and Release on one Session
+# stream per connection, to the same lockd), lockd-memory, and etcd (its v3lock API; uncontended
+# and contended only). etcd comes from Debian's etcd-server package (apt-get install -y
+# etcd-server); it is started like Redis, pinned with the servers, with its data directory on
+# /dev/shm when that exists (Redis runs without persistence too; etcd 3.4 cannot turn fsync off).
+# Without etcd installed the etcd target is left out, with a message.
+# Knobs (environment): BENCH_TARGETS (a comma list of the targets above), BENCH_SCENARIOS (all, or a comma list), BENCH_WAITER_KINDS
 # ("acquire watch keepalive"), BENCH_REPEAT (1: runs per load scenario, level and target; each
 # row is then the median-ops/s run), BENCH_DURATION (2s), BENCH_WARMUP (300ms), BENCH_CLIENTS
 # (1,16,128,1024), BENCH_CONNECTIONS (4), LOCKD_REDIS_POOL_SIZE (lockd's default: one per worker thread), and
@@ -35,6 +41,12 @@ CLIENTS=${BENCH_CLIENTS:-1,16,128,1024}
 SCENARIOS=${BENCH_SCENARIOS:-all}
 CONNECTIONS=${BENCH_CONNECTIONS:-4}
 REPEAT=${BENCH_REPEAT:-1}
+
+TARGETS=${BENCH_TARGETS:-redis-direct,lockd,lockd-session,lockd-memory,etcd}
+if [[ ",$TARGETS," == *,etcd,* ]] && ! command -v etcd >/dev/null; then
+  echo "bench.sh: etcd is missing, so the etcd target is left out (apt-get install -y etcd-server)" >&2
+  TARGETS=$(echo ",$TARGETS," | sed 's/,etcd,/,/; s/^,//; s/,$//')
+fi
 
 for tool in redis-server redis-cli python3; do
   if ! command -v "$tool" >/dev/null; then
@@ -62,6 +74,9 @@ cleanup() {
     wait "$pid" 2>/dev/null || true
   done
   rm -rf "$TMP"
+  if [ -n "${ETCD_DIR:-}" ] && [ "${ETCD_DIR#/dev/shm/}" != "$ETCD_DIR" ]; then
+    rm -rf "$ETCD_DIR"
+  fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -78,7 +93,7 @@ if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   BENCH_CPUS=${BENCH_CPUS:-0}
   SERVER_PIN=(taskset -c "$SERVER_CPUS")
   BENCH_PIN=(taskset -c "$BENCH_CPUS")
-  PLACEMENT="redis-server + lockd + lockd-memory on CPU $SERVER_CPUS; lockd-bench on CPU $BENCH_CPUS"
+  PLACEMENT="redis-server + lockd + lockd-memory (+ etcd) on CPU $SERVER_CPUS; lockd-bench on CPU $BENCH_CPUS"
 else
   PLACEMENT="not pinned ($(nproc) CPUs, taskset $(command -v taskset >/dev/null && echo present || echo missing))"
 fi
@@ -152,6 +167,26 @@ children_ticks() {
   tail -1 "$1" | awk '{ n = 0; for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); n += t[1] * 60 + t[2] } print int(n * 100 + 0.5) }'
 }
 HZ=$(getconf CLK_TCK)
+etcd_ticks() { if [ -n "$ETCD_PID" ]; then process_ticks "$ETCD_PID"; else echo 0; fi; }
+
+ETCD_ARGS=()
+ETCD_PID=
+if [[ ",$TARGETS," == *,etcd,* ]]; then
+  ETCD_PORT=$(free_port)
+  ETCD_PEER=$(free_port)
+  ETCD_DIR=$TMP/etcd
+  if [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    ETCD_DIR=$(mktemp -d -p /dev/shm lockd-bench-etcd.XXXXXX)
+  fi
+  "${SERVER_PIN[@]}" etcd --name bench --data-dir "$ETCD_DIR" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+    --initial-cluster "bench=http://127.0.0.1:$ETCD_PEER" --log-level error </dev/null >"$TMP/etcd.log" 2>&1 &
+  ETCD_PID=$!
+  PIDS+=("$ETCD_PID")
+  wait_for_port "$ETCD_PORT" etcd
+  ETCD_ARGS=(--etcd-addr "http://127.0.0.1:$ETCD_PORT" --etcd-pid "$ETCD_PID")
+fi
 
 start_lockd lockd redis
 LOCKD_PORT=$PORT LOCKD_PID=$PID
@@ -175,7 +210,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "== machine: $(nproc) CPUs, $(redis-server --version | cut -d' ' -f3), load average $LOAD_BEFORE"
 echo "== placement: $PLACEMENT"
 echo "== lockd binary: $LOCKD_BIN"
-echo "== redis $REDIS_URL (pid $REDIS_PID), lockd :$LOCKD_PORT (pid $LOCKD_PID, pool size ${LOCKD_REDIS_POOL_SIZE:-default}), lockd-memory :$MEMORY_PORT (pid $MEMORY_PID)"
+echo "== redis $REDIS_URL (pid $REDIS_PID), lockd :$LOCKD_PORT (pid $LOCKD_PID, pool size ${LOCKD_REDIS_POOL_SIZE:-default}), lockd-memory :$MEMORY_PORT (pid $MEMORY_PID)${ETCD_PID:+, etcd $(etcd --version | head -1 | cut -d' ' -f3) :$ETCD_PORT (pid $ETCD_PID, data in $ETCD_DIR)}"
 
 mkdir -p "$ROOT/target/bench"
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -183,10 +218,10 @@ JSON="$ROOT/target/bench/lockd-bench-$STAMP.json"
 START=$SECONDS
 BUSY0=$(machine_busy)
 times >"$TMP/times0"
-SERVERS0=$(( $(process_ticks "$REDIS_PID") + $(process_ticks "$LOCKD_PID") + $(process_ticks "$MEMORY_PID") ))
+SERVERS0=$(( $(process_ticks "$REDIS_PID") + $(process_ticks "$LOCKD_PID") + $(process_ticks "$MEMORY_PID") + $(etcd_ticks) ))
 if [ -n "$MAIN_SCENARIOS" ]; then
   "${BENCH_PIN[@]}" "$ROOT/target/release/lockd-bench" \
-    --target redis-direct,lockd,lockd-memory \
+    --target "$TARGETS" \
     --scenario "$MAIN_SCENARIOS" \
     --clients "$CLIENTS" \
     --connections "$CONNECTIONS" \
@@ -199,9 +234,10 @@ if [ -n "$MAIN_SCENARIOS" ]; then
     --redis-pid "$REDIS_PID" \
     --lockd-pid "$LOCKD_PID" \
     --lockd-memory-pid "$MEMORY_PID" \
+    "${ETCD_ARGS[@]}" \
     --json "$@" >"$JSON"
 fi
-SERVERS1=$(( $(process_ticks "$REDIS_PID") + $(process_ticks "$LOCKD_PID") + $(process_ticks "$MEMORY_PID") ))
+SERVERS1=$(( $(process_ticks "$REDIS_PID") + $(process_ticks "$LOCKD_PID") + $(process_ticks "$MEMORY_PID") + $(etcd_ticks) ))
 
 if [ "$RUN_WAITERS" = yes ]; then
   for kind in ${BENCH_WAITER_KINDS:-acquire watch keepalive}; do

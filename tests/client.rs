@@ -254,6 +254,65 @@ async fn guard_renews_so_a_job_longer_than_the_ttl_keeps_the_lock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guards_of_one_client_and_its_clones_share_one_session() {
+    let setup = redis_setup().await;
+    let a = lock_client(&setup).await;
+    let clone = a.clone();
+    let ttl = Duration::from_secs(3);
+    let first = acquired(a.try_lock("shared-1", ttl).await.unwrap());
+    let second = acquired(clone.try_lock("shared-2", ttl).await.unwrap());
+    // Both leases are bound to the same Session stream (lockd records it as their renewer),
+    // from the grant on, and stay so through renewals.
+    let bound = lock_field(&setup, "shared-1", "k")
+        .await
+        .expect("bound to a session");
+    assert_eq!(
+        lock_field(&setup, "shared-2", "k").await.as_ref(),
+        Some(&bound)
+    );
+    wait_until_renewed(&first).await;
+    wait_until_renewed(&second).await;
+    assert_eq!(
+        lock_field(&setup, "shared-1", "k").await.as_ref(),
+        Some(&bound)
+    );
+    // A client without sessions binds nothing at acquire time.
+    let unary = LockClient::builder(setup.lockd.endpoint())
+        .sessions(false)
+        .connect()
+        .await
+        .unwrap();
+    let third = acquired(unary.try_lock("unary-1", ttl).await.unwrap());
+    assert_ne!(
+        lock_field(&setup, "unary-1", "k").await.as_ref(),
+        Some(&bound)
+    );
+    assert!(first.release().await.unwrap());
+    assert!(second.release().await.unwrap());
+    assert!(third.release().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_given_up_by_the_caller_is_given_up_at_lockd() {
+    // A waiting lock() whose future is dropped must not be granted later and hold the lock for
+    // its TTL with nobody to release it (on the session, the drop sends a cancel).
+    let setup = redis_setup().await;
+    let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);
+    let ttl = Duration::from_secs(30);
+    let holder = acquired(a.try_lock("given-up", ttl).await.unwrap());
+    let gave_up = timeout(300 * MS, b.lock("given-up", ttl, Duration::from_secs(10))).await;
+    assert!(gave_up.is_err(), "the wait should still be running");
+    sleep(200 * MS).await;
+    assert!(holder.release().await.unwrap());
+    sleep(300 * MS).await;
+    let mut raw = setup.client().await;
+    assert!(
+        !is_locked(&mut raw, "given-up").await.locked,
+        "the abandoned wait took the lock"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_guard_releases_promptly_and_stops_renewal() {
     let setup = redis_setup().await;
     let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);
@@ -314,10 +373,25 @@ async fn cancelled_task_stops_renewal_and_the_lock_frees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_task_frees_the_lock_at_once_because_its_keepalive_stream_ends() {
-    // The TTL is 30 s: only lockd's release of a lease whose stream ended explains a takeover
-    // within a second.
+    // Without sessions, each guard has its own KeepAlive stream, which its drop ends.
+    aborted_task_frees_the_lock_at_once(false, "stream_closed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_task_frees_the_lock_at_once_through_a_release_on_the_session() {
+    // With the shared session (the default), the drop releases on the session.
+    aborted_task_frees_the_lock_at_once(true, "session").await;
+}
+
+async fn aborted_task_frees_the_lock_at_once(sessions: bool, via: &str) {
+    // The TTL is 30 s: only a release on the guard's drop explains a takeover within a second.
     let setup = redis_setup().await;
-    let (a, b) = (lock_client(&setup).await, lock_client(&setup).await);
+    let a = LockClient::builder(setup.lockd.endpoint())
+        .sessions(sessions)
+        .connect()
+        .await
+        .unwrap();
+    let b = lock_client(&setup).await;
     let ttl = Duration::from_secs(30);
     let (got_tx, got_rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
@@ -348,8 +422,14 @@ async fn aborted_task_frees_the_lock_at_once_because_its_keepalive_stream_ends()
         "session-bound: the waiter got the lock {took:?} after the holder's task was aborted (TTL {ttl:?})"
     );
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    // Freed by lockd when the stream ended, not by a Release call.
-    wait_for_log(&setup, "session-bound", "release", "via=\"stream_closed\"").await;
+    // Freed by lockd when the stream ended, or on the session; not by a Release call.
+    wait_for_log(
+        &setup,
+        "session-bound",
+        "release",
+        &format!("via=\"{via}\""),
+    )
+    .await;
     assert!(
         log_lines(&setup, "session-bound", "release")
             .iter()

@@ -26,6 +26,7 @@ mod redis_safety;
 mod replicas;
 mod scheduler;
 mod semaphore;
+mod session;
 mod validation;
 mod waiting;
 mod watch;

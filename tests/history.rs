@@ -30,6 +30,8 @@ mod ha;
 mod model;
 #[path = "history/proxy.rs"]
 mod proxy;
+#[path = "history/session.rs"]
+mod session;
 #[path = "history/workload.rs"]
 mod workload;
 
@@ -63,6 +65,12 @@ fn resources() -> Vec<Resource> {
         limit: 2,
     });
     r
+}
+
+/// `LOCKD_HISTORY_SESSIONS=off` makes every client use unary calls; by default every other
+/// client sends its Acquire, Release and Extend calls on a Session stream.
+fn sessions() -> bool {
+    std::env::var("LOCKD_HISTORY_SESSIONS").map_or(true, |v| v != "off")
 }
 
 /// `LOCKD_HISTORY_HANDOVER=off` leaves KeepAlive stream hand-overs out of the workload, to look
@@ -157,6 +165,7 @@ where
     let rec = Recorder::new(&limits);
     let until = Instant::now() + Duration::from_secs(secs);
     let streams = Arc::new(AtomicUsize::new(0));
+    let session_calls = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for id in 0..clients {
         let mut client = Client::new(
@@ -169,6 +178,8 @@ where
             streams.clone(),
         );
         client.handover = handover();
+        client.sessions = sessions() && id % 2 == 1;
+        client.session_calls = session_calls.clone();
         tasks.push(tokio::spawn(client.run()));
     }
     let injector = tokio::spawn(inject(rng.fork(), rec.clone(), until));
@@ -176,6 +187,11 @@ where
         t.await.unwrap();
     }
     let left = injector.await.unwrap();
+    println!(
+        "history: {} calls on Session streams (by the odd-numbered clients; LOCKD_HISTORY_SESSIONS=off for none), {} KeepAlive and Session streams",
+        session_calls.load(std::sync::atomic::Ordering::Relaxed),
+        streams.load(std::sync::atomic::Ordering::Relaxed)
+    );
     (rec.take(), left)
 }
 

@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
+use lockd_proto::v1::session_request::Op;
+use lockd_proto::v1::session_response::Reply;
 use lockd_proto::v1::{
-    AcquireRequest, AcquireResponse, ExtendRequest, GetOwnerRequest, GetOwnerResponse, LeaseStatus,
-    ListLocksRequest, LockInfo, ReleaseRequest,
+    AcquireRequest, AcquireResponse, ExtendRequest, ExtendResponse, GetOwnerRequest,
+    GetOwnerResponse, LeaseStatus, ListLocksRequest, LockInfo, ReleaseRequest,
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -18,6 +20,7 @@ use crate::guard::{LeaseInfo, LeaseState, LockGuard, Token, release_in_backgroun
 use crate::options::{LockOptions, LockRequest};
 use crate::renew::{self, Renewal};
 use crate::retry::RetryPolicy;
+use crate::session::Mux;
 use crate::{Client, proto};
 
 /// The default connect timeout: 5 s.
@@ -43,6 +46,9 @@ pub struct LockClient {
 #[derive(Debug)]
 pub(crate) struct Endpoints {
     clients: Vec<Client>,
+    /// One shared Session stream per endpoint, for Acquire, Release and Extend; `None`: unary
+    /// calls.
+    sessions: Option<Vec<Mux>>,
     current: AtomicUsize,
 }
 
@@ -50,6 +56,11 @@ impl Endpoints {
     /// The index of the endpoint in use now.
     pub(crate) fn current(&self) -> usize {
         self.current.load(Ordering::Relaxed)
+    }
+
+    /// The shared session of the endpoint in use, if the client uses sessions.
+    fn session(&self) -> Option<&Mux> {
+        self.sessions.as_ref().map(|s| &s[self.current()])
     }
 
     /// The endpoint at `index` failed: move on to the next one, unless another call already
@@ -144,11 +155,26 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     retry: RetryPolicy,
     owner: Option<String>,
+    sessions: bool,
     #[cfg(feature = "tls")]
     tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ClientBuilder {
+    /// Whether `Acquire`, `Release` and `Extend` travel on one `Session` stream shared by the
+    /// client and its clones (default `true`). lockd binds the leases to that session: a lease
+    /// whose client dies ends by its TTL, and guards renew with `Extend` on it. Multiplexing
+    /// every call on one stream costs lockd less CPU per operation than a unary call each.
+    ///
+    /// `false` sends one unary RPC per call and keeps each guard alive on its own `KeepAlive`
+    /// stream, as lockd servers without the `Session` RPC need. Guards with
+    /// [`expire_on_close`](crate::LockOptions::expire_on_close) always use their own
+    /// `KeepAlive` stream.
+    pub fn sessions(mut self, enabled: bool) -> Self {
+        self.sessions = enabled;
+        self
+    }
+
     /// The limit on establishing the connection (default 5 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -253,12 +279,17 @@ impl ClientBuilder {
     }
 
     fn client(self, channels: Vec<Channel>, current: usize) -> LockClient {
+        let clients: Vec<Client> = channels
+            .into_iter()
+            .map(proto::LockServiceClient::new)
+            .collect();
+        let sessions = self
+            .sessions
+            .then(|| clients.iter().cloned().map(Mux::new).collect());
         LockClient {
             endpoints: Arc::new(Endpoints {
-                clients: channels
-                    .into_iter()
-                    .map(proto::LockServiceClient::new)
-                    .collect(),
+                clients,
+                sessions,
                 current: AtomicUsize::new(current),
             }),
             config: Arc::new(Config {
@@ -301,6 +332,7 @@ impl LockClient {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retry: RetryPolicy::default(),
             owner: None,
+            sessions: true,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -645,25 +677,32 @@ impl LockClient {
                 let wait = wait_until
                     .map(|until| until.saturating_duration_since(Instant::now()))
                     .filter(|wait| !wait.is_zero());
-                let request = self.request(
-                    AcquireRequest {
-                        resource: resource.to_owned(),
-                        ttl: Some(to_proto_duration(ttl)),
-                        wait_timeout: wait.map(to_proto_duration),
-                        owner: owner.clone(),
-                        token: token.0.clone(),
-                        labels: options.labels.clone(),
-                        limit: options.limit,
-                        fair: options.fair,
-                        ..Default::default()
-                    },
-                    wait.unwrap_or_default(),
-                );
-                let mut raw = self.raw();
+                let message = AcquireRequest {
+                    resource: resource.to_owned(),
+                    ttl: Some(to_proto_duration(ttl)),
+                    wait_timeout: wait.map(to_proto_duration),
+                    owner: owner.clone(),
+                    token: token.0.clone(),
+                    labels: options.labels.clone(),
+                    limit: options.limit,
+                    fair: options.fair,
+                    ..Default::default()
+                };
+                let extra = wait.unwrap_or_default();
                 async move {
                     let sent = Instant::now();
-                    let reply = raw.acquire(request).await?;
-                    Ok((sent, reply.into_inner()))
+                    let reply = match self.session_call(Op::Acquire(message.clone()), extra) {
+                        Some(call) => match call.await? {
+                            Reply::Acquire(reply) => reply,
+                            other => return Err(unexpected(&other)),
+                        },
+                        None => self
+                            .raw()
+                            .acquire(self.request(message, extra))
+                            .await?
+                            .into_inner(),
+                    };
+                    Ok((sent, reply))
                 }
             })
             .await?;
@@ -685,28 +724,46 @@ impl LockClient {
         let reply = self
             .config
             .retry
-            .run_on(&self.endpoints, || {
-                let request = self.request(
-                    ExtendRequest {
-                        resource: resource.to_owned(),
-                        token: token.0.clone(),
-                        ttl: Some(to_proto_duration(ttl)),
-                        replace_ttl: true,
-                        ..Default::default()
-                    },
-                    Duration::ZERO,
-                );
-                let mut raw = self.raw();
-                async move { raw.extend(request).await }
-            })
-            .await?
-            .into_inner();
+            .run_on(&self.endpoints, || self.extend_once(resource, token, ttl))
+            .await?;
         if !reply.extended {
             return Ok(None);
         }
         let lease = reply.lease.unwrap_or_default();
         let granted = lease.ttl.and_then(to_std_duration).unwrap_or(ttl).min(ttl);
         Ok(Some((granted, lease.expires_at.and_then(from_timestamp))))
+    }
+
+    /// One `Extend` of `token`'s lease to `ttl` (replacing the remaining time), on the session
+    /// when there is one (which binds the lease to it), without retries.
+    #[allow(
+        clippy::needless_update,
+        reason = "fields added to the proto later must not break this"
+    )]
+    pub(crate) async fn extend_once(
+        &self,
+        resource: &str,
+        token: &Token,
+        ttl: Duration,
+    ) -> Result<ExtendResponse, tonic::Status> {
+        let message = ExtendRequest {
+            resource: resource.to_owned(),
+            token: token.0.clone(),
+            ttl: Some(to_proto_duration(ttl)),
+            replace_ttl: true,
+            ..Default::default()
+        };
+        match self.session_call(Op::Extend(message.clone()), Duration::ZERO) {
+            Some(call) => match call.await? {
+                Reply::Extend(reply) => Ok(reply),
+                other => Err(unexpected(&other)),
+            },
+            None => Ok(self
+                .raw()
+                .extend(self.request(message, Duration::ZERO))
+                .await?
+                .into_inner()),
+        }
     }
 
     /// Releases `token`'s lease (keeping it `min_hold` after the grant), retrying
@@ -745,21 +802,45 @@ impl LockClient {
     ) -> Result<bool, Error> {
         let reply = retry
             .run_on(&self.endpoints, || {
-                let request = self.request(
-                    ReleaseRequest {
-                        resource: resource.to_owned(),
-                        token: token.0.clone(),
-                        min_hold: min_hold.map(to_proto_duration),
-                        ..Default::default()
-                    },
-                    Duration::ZERO,
-                );
-                let mut raw = self.raw();
-                async move { raw.release(request).await }
+                let message = ReleaseRequest {
+                    resource: resource.to_owned(),
+                    token: token.0.clone(),
+                    min_hold: min_hold.map(to_proto_duration),
+                    ..Default::default()
+                };
+                async move {
+                    match self.session_call(Op::Release(message.clone()), Duration::ZERO) {
+                        Some(call) => match call.await? {
+                            Reply::Release(reply) => Ok(reply),
+                            other => Err(unexpected(&other)),
+                        },
+                        None => Ok(self
+                            .raw()
+                            .release(self.request(message, Duration::ZERO))
+                            .await?
+                            .into_inner()),
+                    }
+                }
             })
-            .await?
-            .into_inner();
+            .await?;
         Ok(reply.released || reply.status() == LeaseStatus::Ok)
+    }
+
+    /// `op` on the shared session, within the request timeout plus `extra`; `None` when the
+    /// client sends unary calls.
+    fn session_call(
+        &self,
+        op: Op,
+        extra: Duration,
+    ) -> Option<impl Future<Output = Result<Reply, tonic::Status>> + '_> {
+        let limit = self.config.request_timeout.saturating_add(extra);
+        self.endpoints.session().map(move |mux| mux.call(op, limit))
+    }
+
+    /// Whether guards renew through the shared session (with `Extend`) rather than a
+    /// `KeepAlive` stream each.
+    pub(crate) fn has_session(&self) -> bool {
+        self.endpoints.sessions.is_some()
     }
 
     /// A request carrying the request timeout plus `extra` as its deadline.
@@ -776,6 +857,11 @@ impl LockClient {
     pub(crate) fn retry_policy(&self) -> &RetryPolicy {
         &self.config.retry
     }
+}
+
+/// The error for a Session reply that answers another kind of request.
+fn unexpected(reply: &Reply) -> tonic::Status {
+    tonic::Status::internal(format!("unexpected Session reply: {reply:?}"))
 }
 
 /// A std duration as a protobuf one (saturating at the protobuf range).

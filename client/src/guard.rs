@@ -42,30 +42,29 @@ pub struct LeaseInfo {
     pub fencing_token: u64,
 }
 
-/// A held lock. While it lives, a background task keeps the lease alive through a `KeepAlive`
-/// stream (a heartbeat at about a third of the TTL), so a job longer than the TTL keeps the
-/// lock, and lockd itself releases the lease as soon as the stream ends without a release.
+/// A held lock. While it lives, a background task keeps the lease alive (an `Extend` on the
+/// client's shared `Session` stream at about a third of the TTL, or, with sessions turned off or
+/// [`expire_on_close`](crate::LockOptions::expire_on_close), heartbeats on a `KeepAlive` stream
+/// of its own), so a job longer than the TTL keeps the lock. lockd binds the lease to that
+/// stream: a client that crashes leaves it to its TTL.
 ///
 /// - **Release.** [`release`](Self::release) releases (through the `Release` RPC, retried per
 ///   the client's [`RetryPolicy`](crate::RetryPolicy)) and tells whether the lease was still
 ///   held; it consumes the guard, so a double release cannot compile.
 /// - **Drop and cancellation.** Dropping the guard, or cancelling the task that holds it (an
-///   aborted `JoinHandle`, a dropped future, a panic), stops renewal at once and ends the
-///   stream, and lockd releases the lease at once because the stream ended without a release;
-///   it never blocks. If the whole process dies, its connection drops and lockd does the same.
-///   With a [minimum hold](crate::LockOptions::min_hold), or while no stream holds the lease
-///   (lockd unreachable, or the stream not yet answered), the drop releases through one
-///   background `Release` call instead, so the minimum hold is kept. Whatever is lost, the lease still ends by its TTL: the lock never
-///   stays held past it.
+///   aborted `JoinHandle`, a dropped future, a panic), stops renewal at once and releases the
+///   lease in the background, with its minimum hold if any: a `Release` on the session, or,
+///   on a `KeepAlive` stream of its own, by ending the stream (lockd then releases the lease
+///   because the stream ended without a release). It never blocks. If the whole process dies,
+///   its connection breaks and lockd leaves the lease to its TTL. Whatever is lost, the lease
+///   still ends by its TTL: the lock never stays held past it.
 /// - **Loss.** [`lost`](Self::lost) resolves when the lock can no longer be trusted: lockd
 ///   reported the lease lost (it ended, someone else holds it, or the request was refused), or
 ///   the lease's local deadline passed without a successful renewal (lockd or Redis
 ///   unreachable), or the maximum hold was reached. Renewal stops then; it is never resumed.
-///   A stream that fails with `UNAVAILABLE` or a dropped connection is opened again, with
-///   backoff, until that deadline. Note that lockd releases the leases of a stream that breaks
-///   (unless [`expire_on_close`](crate::LockOptions::expire_on_close) is set), so a dropped
-///   connection usually means a lost lock; a lockd that restarts or shuts down gracefully
-///   keeps them, and the guard carries on.
+///   A renewal that fails with `UNAVAILABLE` or a dropped connection is retried, with backoff,
+///   on a new stream, until that deadline: lockd leaves the leases of a broken stream to their
+///   TTL, so a guard that renews before then carries on (as after a lockd restart).
 /// - **Deadline.** The local deadline is counted from the moment the last successful grant or
 ///   renewal was *sent* plus the TTL it granted, so it never falls after the server's expiry
 ///   (clock rates aside).

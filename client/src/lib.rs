@@ -6,6 +6,7 @@ mod guard;
 mod options;
 mod renew;
 mod retry;
+mod session;
 
 pub use client::{
     ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, LockClient, Outcome, TryLock,

@@ -1,6 +1,17 @@
-//! Renewal, kept in this one place: one task and one `KeepAlive` stream per guard.
+//! Renewal, kept in this one place: one task per guard.
 //!
-//! The task opens a `KeepAlive` stream whose first message names the lease (`keep`, with the
+//! **On the shared session** (the default; see `session.rs`): the lease was bound to the
+//! client's `Session` stream by its Acquire, and the task sends an `Extend` on that stream at
+//! about a third of the TTL (which also binds the lease to a new stream after the old one
+//! broke). A reply that the lease is not held fires `lost()`; `UNAVAILABLE` is retried until the
+//! local deadline. `release()` and a dropped guard release through a `Release` on the session
+//! (a dropped guard: one attempt, with the minimum hold if any), since ending the shared stream
+//! would release every guard's lease. If the whole process dies, the connection breaks and lockd
+//! leaves the lease to its TTL.
+//!
+//! **On a `KeepAlive` stream per guard** (sessions turned off with
+//! [`ClientBuilder::sessions`](crate::ClientBuilder::sessions), or a guard with
+//! `expire_on_close`), the rest of this note applies. The task opens a `KeepAlive` stream whose first message names the lease (`keep`, with the
 //! guard's TTL), then sends an empty message (a heartbeat, which renews every lease of the
 //! stream) at about a third of the TTL. lockd answers each message with the lease's state:
 //! `OK` with the new expiry, or a loss (`NOT_HELD`, `HELD_BY_OTHER`), which it also reports by
@@ -136,7 +147,12 @@ enum Broken {
 
 impl Renewal {
     async fn run(mut self, mut stop: oneshot::Receiver<Stop>) {
-        let (stop, session) = match self.keep_alive(&mut stop).await {
+        let kept = if self.client.has_session() && !self.expire_on_close {
+            self.keep_on_session(&mut stop).await
+        } else {
+            self.keep_alive(&mut stop).await
+        };
+        let (stop, session) = match kept {
             End::Stopped(stop, session) => (stop, session),
             End::Lost(reason) => {
                 tracing::warn!(resource = %self.resource, %reason, "lock lost");
@@ -199,12 +215,7 @@ impl Renewal {
             }
             // Try the next lockd replica, if there are others.
             self.client.endpoints().failed(used);
-            let delay = self
-                .client
-                .retry_policy()
-                .backoff(retry)
-                .min(period(self.ttl) / 2);
-            retry = retry.saturating_add(1);
+            let delay = self.retry_delay(&mut retry);
             tracing::debug!(
                 resource = %self.resource, error = %status.message(), ?delay,
                 "KeepAlive stream failed; opening another until the lease's deadline"
@@ -214,6 +225,77 @@ impl Renewal {
                 s = &mut *stop => return End::Stopped(s.ok(), None),
                 () = sleep_until(self.deadline) => return End::Lost(self.deadline_reason()),
                 () = sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Keeps the lease alive with an `Extend` on the client's shared session at a third of the
+    /// TTL (each also binds the lease to the session, a new one after the old one broke), until
+    /// it is lost or the guard stops it. A renewal in flight is awaited before a stop is read,
+    /// so a release never overtakes it on the session.
+    async fn keep_on_session(&mut self, stop: &mut oneshot::Receiver<Stop>) -> End {
+        let mut retry = 0u32;
+        // `None` once the last renewal allowed by the maximum hold has been made (lockd rounds
+        // its TTL down to whole ms, so the deadline may then fall a little before the hold's end).
+        let mut next = Some(Instant::now() + period(self.ttl));
+        loop {
+            tokio::select! {
+                biased;
+                s = &mut *stop => return End::Stopped(s.ok(), None),
+                () = sleep_until(self.deadline) => {
+                    let reason = match next {
+                        None if self.hold_until.is_some() => LostReason::MaxHold,
+                        _ => self.deadline_reason(),
+                    };
+                    return End::Lost(reason);
+                }
+                () = sleep_until(next.unwrap_or(self.deadline)), if next.is_some() => {}
+            }
+            let Some(ttl) = self.next_ttl() else {
+                next = None;
+                continue;
+            };
+            let sent = Instant::now();
+            match self
+                .client
+                .extend_once(&self.resource, &self.token, ttl)
+                .await
+            {
+                Ok(reply) if reply.extended => {
+                    retry = 0;
+                    let lease = reply.lease.unwrap_or_default();
+                    let granted = lease
+                        .ttl
+                        .and_then(crate::client::to_std_duration)
+                        .unwrap_or(ttl)
+                        .min(ttl);
+                    self.deadline = sent + granted;
+                    let expires_at = lease
+                        .expires_at
+                        .and_then(from_timestamp)
+                        .unwrap_or_else(|| SystemTime::now() + granted);
+                    self.state.send_modify(|s| s.expires_at = expires_at);
+                    // Only the last renewal before the maximum hold is shorter than the TTL.
+                    next = (ttl == self.ttl).then(|| sent + period(self.ttl));
+                }
+                Ok(reply) => {
+                    return End::Lost(match reply.status() {
+                        _ if self.hold_reached() => LostReason::MaxHold,
+                        LeaseStatus::HeldByOther => LostReason::HeldByOther,
+                        _ => LostReason::NotHeld,
+                    });
+                }
+                Err(status) if is_definite(&status) => {
+                    return End::Lost(LostReason::Rejected(status.message().to_owned()));
+                }
+                Err(status) => {
+                    let delay = self.retry_delay(&mut retry);
+                    tracing::debug!(
+                        resource = %self.resource, error = %status.message(), ?delay,
+                        "renewal on the Session stream failed; retrying until the lease's deadline"
+                    );
+                    next = Some(Instant::now() + delay);
+                }
             }
         }
     }
@@ -378,6 +460,18 @@ impl Renewal {
         };
         let left = until.saturating_duration_since(Instant::now());
         (left >= MIN_TTL).then_some(left.min(self.ttl))
+    }
+
+    /// The pause before retry number `retry` (counted up) of a failed renewal: the client's
+    /// backoff, at most half a renewal period.
+    fn retry_delay(&self, retry: &mut u32) -> Duration {
+        let delay = self
+            .client
+            .retry_policy()
+            .backoff(*retry)
+            .min(period(self.ttl) / 2);
+        *retry = retry.saturating_add(1);
+        delay
     }
 
     /// Whether the maximum hold allows no renewal beyond the current lease.

@@ -136,6 +136,7 @@ pub(crate) mod checks {
             fair: None,
             waiting: false,
             new_token: false,
+            renewer: None,
         }
     }
 
@@ -222,6 +223,39 @@ pub(crate) mod checks {
         b.extend(&extend_params(&r, "T", Some("s1"))).await.unwrap();
         let plain = release_params(&r, "T", None);
         assert_eq!(release_status(b, &plain).await, LeaseStatus::Ok);
+    }
+
+    /// An acquire through a Session stream (`renewer`) binds the lease to it, as a renewal
+    /// through that stream would: the session's close releases it, another's does not, and a
+    /// plain re-acquire clears the binding.
+    pub(crate) async fn an_acquire_through_a_session_binds_the_lease_to_it<B: Backend>(
+        b: &B,
+        limit: u32,
+    ) {
+        let r = format!("bound-{limit}");
+        let mut bound = acquire_params(&r, "T", limit);
+        bound.renewer = Some("s1".into());
+        granted(b, &bound).await;
+        let close = |s| release_params(&r, "T", Some(s));
+        assert_eq!(
+            release_status(b, &close("s2")).await,
+            LeaseStatus::HeldByOther
+        );
+        assert_eq!(release_status(b, &close("s1")).await, LeaseStatus::Ok);
+        // A re-acquire through another session moves the binding; a plain one clears it.
+        granted(b, &bound).await;
+        bound.renewer = Some("s2".into());
+        granted(b, &bound).await;
+        assert_eq!(
+            release_status(b, &close("s1")).await,
+            LeaseStatus::HeldByOther
+        );
+        granted(b, &acquire_params(&r, "T", limit)).await;
+        assert_eq!(
+            release_status(b, &close("s2")).await,
+            LeaseStatus::HeldByOther
+        );
+        assert!(b.inspect(&r).await.unwrap().is_some());
     }
 
     /// A free slot refused only because a fair waiter is first in line reports, as its

@@ -15,6 +15,13 @@ pub enum Error {
     /// semaphore request with another limit). Retrying will not help.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A per-stream limit was reached (leases or waits on one Session); the message names it.
+    /// Retrying after the stream has fewer may succeed.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The client gave the operation up (a cancel on a Session stream).
+    #[error("cancelled by the client")]
+    Cancelled,
     /// The server is shutting down and ended the request.
     #[error("server is shutting down")]
     ShuttingDown,
@@ -38,6 +45,8 @@ impl From<Error> for Status {
         match err {
             Error::InvalidArgument(msg) => Status::invalid_argument(msg),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
+            Error::Cancelled => Status::cancelled(err.to_string()),
             Error::Unavailable(_) | Error::ShuttingDown => Status::unavailable(err.to_string()),
             Error::Internal(_) => Status::internal(err.to_string()),
         }

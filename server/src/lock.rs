@@ -57,6 +57,10 @@ pub struct AcquireParams {
     pub waiting: bool,
     /// The token was generated for this request, so it cannot hold the lock already.
     pub new_token: bool,
+    /// The Session stream that binds the lease (its id), recorded as the lease's renewer as an
+    /// extension through it would (see `ExtendParams::renewer`). `None` for a plain Acquire,
+    /// whose re-acquire clears it.
+    pub renewer: Option<String>,
 }
 
 /// What is asked of [`Backend::release`](crate::backend::Backend::release).

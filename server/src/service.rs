@@ -4,6 +4,7 @@
 mod keepalive;
 mod request;
 mod response;
+mod session;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +16,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::Backend;
-use crate::lock::LeaseStatus;
 use crate::locks::{Locks, ReleaseVia};
 
 /// The `LockService` implementation, generic over the lock store.
@@ -38,6 +38,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
     type KeepAliveStream = BoxStream<pb::KeepAliveResponse>;
     type WatchStream = BoxStream<pb::WatchResponse>;
+    type SessionStream = BoxStream<pb::SessionResponse>;
 
     async fn acquire(
         &self,
@@ -55,11 +56,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let params = request::release(request.into_inner(), self.locks.limits())?;
         let outcome = self.locks.release(&params, ReleaseVia::Rpc).await?;
-        Ok(Response::new(pb::ReleaseResponse {
-            released: outcome.status == LeaseStatus::Ok,
-            status: response::lease_status(outcome.status) as i32,
-            frees_at: outcome.frees_at.map(response::timestamp),
-        }))
+        Ok(Response::new(response::release(outcome)))
     }
 
     async fn extend(
@@ -68,12 +65,7 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
     ) -> Result<Response<pb::ExtendResponse>, Status> {
         let params = request::extend(request.into_inner(), self.locks.limits())?;
         let outcome = self.locks.extend(&params).await?;
-        Ok(Response::new(pb::ExtendResponse {
-            extended: outcome.status == LeaseStatus::Ok,
-            status: response::lease_status(outcome.status) as i32,
-            // Only Acquire returns tokens: the caller of Extend already has it.
-            lease: outcome.lease.map(response::lease_without_token),
-        }))
+        Ok(Response::new(response::extend(outcome)))
     }
 
     async fn is_locked(
@@ -99,6 +91,15 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
         let stream = keepalive::Session::start(self.locks.clone(), request.into_inner());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
+        let stream = session::Session::start(self.locks.clone(), request.into_inner(), peer);
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -5,9 +5,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lockd_client::proto::session_request::Op as SessionOp;
+use lockd_client::proto::session_response::Reply;
 use lockd_client::proto::{
     AcquireRequest, ExtendRequest, KeepAliveRequest, KeepAliveResponse, LeaseRef, LeaseStatus,
-    LockServiceClient, ReleaseRequest,
+    LockServiceClient, ReleaseRequest, SessionHeartbeat,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep};
@@ -15,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::model::*;
+use super::session::{BoundLease, Session};
 
 /// splitmix64: small, seedable, good enough to pick operations.
 #[derive(Debug, Clone)]
@@ -180,6 +183,11 @@ pub struct Client {
     pub streams: Arc<AtomicUsize>,
     /// Whether KeepAlive sessions sometimes hand their lease over to a second stream.
     pub handover: bool,
+    /// Whether Acquire, Release and Extend go on a Session stream (see `session.rs`).
+    pub sessions: bool,
+    /// Counts the calls made on Session streams, for the run's figures.
+    pub session_calls: Arc<AtomicUsize>,
+    session: Option<Session>,
     raw: LockServiceClient<Channel>,
     next_token: u64,
 }
@@ -204,6 +212,9 @@ impl Client {
             until,
             streams,
             handover: true,
+            sessions: false,
+            session_calls: Arc::default(),
+            session: None,
             raw,
             next_token: 0,
         }
@@ -220,6 +231,7 @@ impl Client {
         if let Some(h) = held {
             self.release(&h, None).await;
         }
+        self.end_session(true).await;
     }
 
     fn ttl(&mut self) -> Micros {
@@ -271,14 +283,20 @@ impl Client {
                 let replace = self.rng.chance(40);
                 self.extend(h, ttl, replace).await
             }
+            50..64 if self.sessions => self.session_heartbeats(h).await,
             50..64 => self.keepalive_session(h).await,
             64..94 => {
                 let min_hold = self.rng.chance(33).then(|| self.rng.range(100, 1500) * MS);
                 self.release(&h, min_hold).await;
                 None
             }
-            // Walk away: the lease is left to its TTL.
-            _ => None,
+            // Walk away: the lease is left to its TTL. A session would renew it with its next
+            // heartbeat, so it goes too (lockd may then release the lease at once).
+            _ => {
+                let close = self.rng.chance(50);
+                self.end_session(close).await;
+                None
+            }
         }
     }
 
@@ -307,7 +325,14 @@ impl Client {
             fair,
         };
         let send = self.rec.now();
-        let reply = timed(wait, self.raw.acquire(request(req, wait))).await;
+        let reply = if self.sessions {
+            match self.session_call(SessionOp::Acquire(req), wait).await {
+                Ok(Reply::Acquire(r)) => Ok(r),
+                other => self.unexpected(other).await,
+            }
+        } else {
+            timed(wait, self.raw.acquire(request(req, wait))).await
+        };
         let (outcome, held) = match reply {
             Ok(r) if r.acquired => match r.lease {
                 Some(lease) => {
@@ -317,6 +342,7 @@ impl Client {
                         ttl: lease.ttl.as_ref().map_or(ttl, micros),
                         expires: lease.expires_at.as_ref().map(|t| self.rec.local(t)),
                     };
+                    self.bind(&resource.name, &lease.token, grant.ttl);
                     let held = Held {
                         resource: resource.clone(),
                         token: lease.token,
@@ -341,7 +367,18 @@ impl Client {
             ..Default::default()
         };
         let send = self.rec.now();
-        let reply = timed(0, self.raw.release(request(req, 0))).await;
+        let reply = if self.sessions {
+            // lockd stops keeping it as soon as it reads the request.
+            if let Some(s) = self.session.as_mut() {
+                s.unbind(&h.resource.name, &h.token);
+            }
+            match self.session_call(SessionOp::Release(req), 0).await {
+                Ok(Reply::Release(r)) => Ok(r),
+                other => self.unexpected(other).await,
+            }
+        } else {
+            timed(0, self.raw.release(request(req, 0))).await
+        };
         let outcome = match reply {
             Ok(r) if r.released => Outcome::Released {
                 frees_at: if min_hold.is_some() {
@@ -372,9 +409,18 @@ impl Client {
             replace_ttl: replace,
         };
         let send = self.rec.now();
-        let reply = timed(0, self.raw.extend(request(req, 0))).await;
+        let reply = if self.sessions {
+            match self.session_call(SessionOp::Extend(req), 0).await {
+                Ok(Reply::Extend(r)) => Ok(r),
+                other => self.unexpected(other).await,
+            }
+        } else {
+            timed(0, self.raw.extend(request(req, 0))).await
+        };
         let (outcome, keep) = match reply {
             Ok(r) if r.extended => {
+                // Bound to the session from now on, renewed to `ttl` by its heartbeats.
+                self.bind(&h.resource.name, &h.token, ttl);
                 let lease = r.lease.unwrap_or_default();
                 let grant = Grant {
                     token: h.token.clone(),
@@ -398,6 +444,151 @@ impl Client {
         self.rec
             .record(self.id, &h.resource.name, op, send, outcome);
         keep.then_some(h)
+    }
+
+    /// The client's Session stream, opened first if needed (on its own connection half the
+    /// time, so killing it drops a connection).
+    async fn session(&mut self) -> Result<&mut Session, String> {
+        if self.session.is_none() {
+            let id = self.streams.fetch_add(1, Ordering::Relaxed);
+            let raw = if self.rng.chance(50) {
+                LockServiceClient::new(channel(&self.endpoint))
+            } else {
+                self.raw.clone()
+            };
+            let expire_on_close = self.rng.chance(25);
+            self.session = Some(Session::open(raw, id, expire_on_close, DEADLINE_GRACE).await?);
+        }
+        self.session.as_mut().ok_or_else(|| "no session".to_owned())
+    }
+
+    /// One call on the session, with the budget of a unary call waiting `wait`. A failed call
+    /// ends the session: whatever it did is unknown, and a lease it may have bound must not be
+    /// kept alive by later heartbeats.
+    async fn session_call(&mut self, op: SessionOp, wait: Micros) -> Result<Reply, String> {
+        let budget = Duration::from_micros(wait) + DEADLINE_GRACE + Duration::from_millis(300);
+        self.session_calls.fetch_add(1, Ordering::Relaxed);
+        let result = match self.session().await {
+            Ok(s) => s.call(op, budget).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.end_session(false).await;
+        }
+        result
+    }
+
+    /// A session reply of the wrong kind (or a failure): the session ends, the outcome is
+    /// unknown.
+    async fn unexpected<T>(&mut self, reply: Result<Reply, String>) -> Result<T, String> {
+        match reply {
+            Ok(other) => {
+                self.end_session(false).await;
+                Err(format!("unexpected session reply {other:?}"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that the last session request bound `resource`/`token` (renewed to `ttl`).
+    fn bind(&mut self, resource: &str, token: &str, ttl: Micros) {
+        if let Some(s) = self.session.as_mut() {
+            let bound_by = s.last_request();
+            s.bind(BoundLease {
+                resource: resource.to_owned(),
+                token: token.to_owned(),
+                ttl,
+                bound_by,
+            });
+        }
+    }
+
+    /// Ends the session, closing it (half-close) or killing it (dropping it, sometimes with its
+    /// connection), recorded as a KeepAlive close or kill of every lease it bound.
+    async fn end_session(&mut self, close: bool) {
+        let Some(s) = self.session.take() else { return };
+        let send = self.rec.now();
+        for b in &s.bound {
+            let op = Op::KeepAlive {
+                stream: s.id,
+                token: b.token.clone(),
+                ttl: b.ttl,
+                msg: if close { KaMsg::Close } else { KaMsg::Kill },
+                expire_on_close: s.expire_on_close,
+            };
+            self.rec
+                .record(self.id, &b.resource, op, send, Outcome::Sent);
+        }
+        if close {
+            s.close().await;
+        }
+    }
+
+    /// A few session heartbeats for `h`, each well within the TTL it is bound with, recorded as
+    /// KeepAlive heartbeats of the session's stream. A lease not bound to the current session
+    /// (it was granted on one that ended) is bound to it with an Extend first.
+    async fn session_heartbeats(&mut self, h: Held) -> Option<Held> {
+        let bound = self
+            .session
+            .as_ref()
+            .and_then(|s| s.binding(&h.resource.name, &h.token));
+        let Some(bound) = bound else {
+            let ttl = self.rng.range(300, 2000) * MS;
+            return self.extend(h, ttl, true).await;
+        };
+        for _ in 0..self.rng.range(1, 6) {
+            let ms = bound.ttl / MS * self.rng.range(25, 55) / 100;
+            sleep(Duration::from_millis(ms)).await;
+            let send = self.rec.now();
+            let reply = self
+                .session_call(SessionOp::Heartbeat(SessionHeartbeat {}), 0)
+                .await;
+            let stream = self.session.as_ref().map_or(usize::MAX, |s| s.id);
+            let (expire_on_close, still_bound) = match self.session.as_mut() {
+                Some(s) => (
+                    s.expire_on_close,
+                    s.binding(&h.resource.name, &h.token).is_some(),
+                ),
+                None => (false, false),
+            };
+            let outcome = match reply {
+                Ok(Reply::Heartbeat(hb)) => {
+                    if let Some(s) = self.session.as_mut() {
+                        s.bound
+                            .retain(|b| !hb.lost.iter().any(|l| l.bound_by == b.bound_by));
+                    }
+                    let lost = hb.lost.iter().any(|l| l.bound_by == bound.bound_by);
+                    if still_bound && !lost {
+                        Outcome::Granted(Grant {
+                            token: h.token.clone(),
+                            fence: None,
+                            ttl: bound.ttl,
+                            expires: None,
+                        })
+                    } else {
+                        Outcome::NotHeld
+                    }
+                }
+                other => Outcome::Failed(match self.unexpected::<()>(other).await {
+                    Err(e) => e,
+                    Ok(()) => "no reply".into(),
+                }),
+            };
+            let op = Op::KeepAlive {
+                stream,
+                token: h.token.clone(),
+                ttl: bound.ttl,
+                msg: KaMsg::Heartbeat,
+                expire_on_close,
+            };
+            let ok = matches!(outcome, Outcome::Granted(_));
+            self.rec
+                .record(self.id, &h.resource.name, op, send, outcome);
+            if !ok {
+                return None;
+            }
+        }
+        Some(h)
     }
 
     /// Keeps `h` alive over a KeepAlive stream for a few heartbeats, sometimes hands it over to

@@ -121,6 +121,14 @@ pub struct Args {
     #[arg(long)]
     pub redis_pid: Option<u32>,
 
+    /// Process id of etcd (the etcd target's CPU time per operation).
+    #[arg(long)]
+    pub etcd_pid: Option<u32>,
+
+    /// Address of the etcd target's client port, e.g. http://127.0.0.1:2379.
+    #[arg(long)]
+    pub etcd_addr: Option<String>,
+
     /// Redis URL: the Redis of redis-direct, and where the memory scenario reads INFO memory
     /// (it must be the Redis the lockd target uses).
     #[arg(long)]
@@ -149,6 +157,12 @@ pub enum Target {
     Lockd,
     /// lockd over gRPC, with its in-memory backend: the cost of gRPC and lockd alone.
     LockdMemory,
+    /// lockd (the `--lockd-addr` server) with every Acquire and Release multiplexed on one
+    /// Session stream per connection; inspection stays unary.
+    LockdSession,
+    /// etcd's v3lock API (Lock and Unlock, each client with a lease of its own): uncontended
+    /// and contended only.
+    Etcd,
 }
 
 impl Target {
@@ -158,6 +172,8 @@ impl Target {
             Self::RedisDirect => "redis-direct",
             Self::Lockd => "lockd",
             Self::LockdMemory => "lockd-memory",
+            Self::LockdSession => "lockd-session",
+            Self::Etcd => "etcd",
         }
     }
 }
@@ -326,6 +342,7 @@ impl Args {
             ("--redis-pid", self.redis_pid),
             ("--lockd-pid", self.lockd_pid),
             ("--lockd-memory-pid", self.lockd_memory_pid),
+            ("--etcd-pid", self.etcd_pid),
         ] {
             if let Some(pid) = pid {
                 let _ = write!(s, " {flag} {pid}");
@@ -339,6 +356,9 @@ impl Args {
         }
         if let Some(a) = &self.lockd_memory_addr {
             let _ = write!(s, " --lockd-memory-addr {a}");
+        }
+        if let Some(a) = &self.etcd_addr {
+            let _ = write!(s, " --etcd-addr {a}");
         }
         if self.json {
             s.push_str(" --json");

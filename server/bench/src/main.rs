@@ -47,8 +47,9 @@ async fn main() -> ExitCode {
 fn address(args: &Args, target: Target) -> Result<&str> {
     let (addr, flag) = match target {
         Target::RedisDirect => (&args.redis_url, "--redis-url"),
-        Target::Lockd => (&args.lockd_addr, "--lockd-addr"),
+        Target::Lockd | Target::LockdSession => (&args.lockd_addr, "--lockd-addr"),
         Target::LockdMemory => (&args.lockd_memory_addr, "--lockd-memory-addr"),
+        Target::Etcd => (&args.etcd_addr, "--etcd-addr"),
     };
     addr.as_deref()
         .ok_or_else(|| Error::Usage(format!("--target {} needs {flag}", target.name())))
@@ -110,6 +111,11 @@ async fn bench(args: Args) -> Result<()> {
                 sessions.iter().map(|_| Vec::new()).collect();
             for _ in 0..args.repeat {
                 for (session, repeats) in sessions.iter().zip(&mut repeats) {
+                    if session.target() == Target::Etcd
+                        && !matches!(scenario, Scenario::Uncontended | Scenario::Contended)
+                    {
+                        continue;
+                    }
                     let r = scenario::run(
                         scenario,
                         session,
@@ -170,6 +176,10 @@ async fn bench(args: Args) -> Result<()> {
                 notes.push("memory: not measured for lockd-memory (no Redis).".to_owned());
                 continue;
             }
+            if matches!(session.target(), Target::LockdSession | Target::Etcd) {
+                // The same layout in the same Redis as the lockd target (plus the renewer field).
+                continue;
+            }
             let m = memory::run(session, url, args.memory_locks, &run_id).await?;
             eprintln!(
                 "[memory] {:<12} {:.0} bytes per held lock, {:.0} bytes per released resource",
@@ -222,7 +232,10 @@ async fn bench(args: Args) -> Result<()> {
         let mut kinds = args.waiter_kinds.clone();
         kinds.sort();
         kinds.dedup();
-        for &target in targets.iter().filter(|t| **t != Target::RedisDirect) {
+        for &target in targets
+            .iter()
+            .filter(|t| !matches!(t, Target::RedisDirect | Target::LockdSession | Target::Etcd))
+        {
             let Some(server) = pids.server(target) else {
                 notes.push(format!(
                     "waiters: not run for {}: its RSS needs --{}-pid.",
@@ -312,6 +325,14 @@ fn load_notes(args: &Args) -> Vec<String> {
             .to_owned(),
         "lockd Acquire requests use the defaults of the newer fields: a plain mutex (limit 0), \
          non-fair waiting, no minimum hold on Release."
+            .to_owned(),
+        "lockd-session: the same lockd, with every Acquire and Release on one Session stream \
+         per connection (shared by that connection's clients, replies routed by request id); \
+         its leases are bound to the session."
+            .to_owned(),
+        "etcd: v3lock Lock (blocking; with no wait, a 1 s deadline) and Unlock, each client \
+         holding its locks with a lease of its own granted on first use; only uncontended and \
+         contended run against it. Its server CPU is etcd's alone."
             .to_owned(),
         "latency is measured by the load generator, per call, from send to reply; ops/s counts \
          operations completing inside the measured window."

@@ -38,6 +38,7 @@ pub struct Pids {
     redis: Option<u32>,
     lockd: Option<u32>,
     lockd_memory: Option<u32>,
+    etcd: Option<u32>,
 }
 
 impl Pids {
@@ -47,12 +48,16 @@ impl Pids {
             redis: args.redis_pid,
             lockd: args.lockd_pid,
             lockd_memory: args.lockd_memory_pid,
+            etcd: args.etcd_pid,
         }
     }
 
     /// True when no pid was given.
     pub fn is_empty(&self) -> bool {
-        self.redis.is_none() && self.lockd.is_none() && self.lockd_memory.is_none()
+        self.redis.is_none()
+            && self.lockd.is_none()
+            && self.lockd_memory.is_none()
+            && self.etcd.is_none()
     }
 
     /// The redis-server process, if its pid was given.
@@ -71,16 +76,23 @@ impl Pids {
         });
         match target {
             Target::RedisDirect => redis.into_iter().collect(),
-            Target::Lockd => lockd.into_iter().chain(redis).collect(),
+            Target::Lockd | Target::LockdSession => lockd.into_iter().chain(redis).collect(),
             Target::LockdMemory => memory.into_iter().collect(),
+            Target::Etcd => self
+                .etcd
+                .map(|pid| Process { name: "etcd", pid })
+                .into_iter()
+                .collect(),
         }
     }
 
     /// The lockd process behind `target`, whose RSS the waiters scenario reads.
     pub fn server(&self, target: Target) -> Option<Process> {
         match target {
-            Target::RedisDirect => None,
-            Target::Lockd => self.lockd.map(|pid| Process { name: "lockd", pid }),
+            Target::RedisDirect | Target::Etcd => None,
+            Target::Lockd | Target::LockdSession => {
+                self.lockd.map(|pid| Process { name: "lockd", pid })
+            }
             Target::LockdMemory => self.lockd_memory.map(|pid| Process {
                 name: "lockd-memory",
                 pid,

@@ -109,7 +109,12 @@ impl Report {
             .iter()
             .filter(|r| r.target == Target::RedisDirect && r.scenario != Scenario::Scale)
         {
-            for target in [Target::Lockd, Target::LockdMemory] {
+            for target in [
+                Target::Lockd,
+                Target::LockdSession,
+                Target::LockdMemory,
+                Target::Etcd,
+            ] {
                 let Some(run) = self.find(base.scenario, target, base.clients) else {
                     continue;
                 };
@@ -149,6 +154,41 @@ impl Report {
             met: measured.map(|(l, r)| l.ops_per_second >= 0.5 * r.ops_per_second),
         });
 
+        // Issue 14: the session path, unary calls, and etcd, at 128 uncontended clients.
+        let session = Target::LockdSession;
+        for (target, base, goal) in [
+            (session, rd, 0.5),
+            (lockd, rd, 0.25),
+            (lockd, Target::Etcd, 10.0),
+            (session, Target::Etcd, 10.0),
+        ] {
+            let measured = self.find(u, target, 128).zip(self.find(u, base, 128));
+            checks.push(Check {
+                target: format!(
+                    "uncontended, 128 clients: {} ops/s >= {goal}x {}'s",
+                    target.name(),
+                    base.name()
+                ),
+                measured: measured.map_or_else(not_run, |(t, b)| {
+                    format!(
+                        "{} vs {} ops/s = {:.2}x",
+                        thousands(t.ops_per_second),
+                        thousands(b.ops_per_second),
+                        t.ops_per_second / b.ops_per_second.max(1e-9)
+                    )
+                }),
+                met: measured.map(|(t, b)| t.ops_per_second >= goal * b.ops_per_second),
+            });
+        }
+        let cpu = self
+            .find(u, session, 128)
+            .and_then(RunResult::server_us_per_op);
+        checks.push(Check {
+            target: "uncontended, 128 clients: lockd-session + Redis CPU <= 25us per op".into(),
+            measured: cpu.map_or_else(not_run, |us| format!("{}/op", micros(us))),
+            met: cpu.map(|us| us <= 25.0),
+        });
+
         let p99 = |r: &RunResult| r.latency_of("acquire").map(|l| l.p99_us);
         let measured = self
             .find(u, lockd, 16)
@@ -165,12 +205,12 @@ impl Report {
         let contended = self.find(c, lockd, 16);
         let contention = contended.and_then(|r| r.contention.as_ref());
         checks.push(Check {
-            target: "contended, 16 clients: lockd >= 3,000 hand-offs/s to a different client"
+            target: "contended, 16 clients: lockd >= 5,000 hand-offs/s to a different client"
                 .into(),
             measured: contention.map_or_else(not_run, |c| {
                 format!("{} hand-offs/s", thousands(c.handoffs_per_second))
             }),
-            met: contention.map(|c| c.handoffs_per_second >= 3_000.0),
+            met: contention.map(|c| c.handoffs_per_second >= 5_000.0),
         });
         let gap = contention.and_then(|c| c.gap_from_release_reply.as_ref());
         checks.push(Check {

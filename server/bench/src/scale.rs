@@ -214,11 +214,12 @@ impl Measure<'_> {
             level.keys
         );
         let mut runs = Vec::new();
-        for session in self
-            .sessions
-            .iter()
-            .filter(|s| s.target() != Target::LockdMemory)
-        {
+        for session in self.sessions.iter().filter(|s| {
+            !matches!(
+                s.target(),
+                Target::LockdMemory | Target::LockdSession | Target::Etcd
+            )
+        }) {
             let tag_id = format!("{}-n{n}{}", self.run_id, if repeat { "r" } else { "" });
             let mut r = scenario::run(
                 Scenario::Scale,

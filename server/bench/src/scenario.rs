@@ -231,6 +231,9 @@ pub struct Contention {
     pub max_per_client: u64,
 }
 
+/// Contended runs so far in this invocation, to give each its own resource.
+static CONTENDED_RUNS: AtomicU64 = AtomicU64::new(0);
+
 /// A resource name unique to this invocation, scenario, concurrency level and client.
 fn resource(run_id: &str, tag: &str, clients: usize, i: usize) -> String {
     format!("{run_id}-{tag}{clients}-{i}")
@@ -397,7 +400,11 @@ async fn contended(
     run_id: &str,
     clock: &Arc<Clock>,
 ) -> Result<RunResult> {
-    let res: Arc<str> = resource(run_id, "c", clients, 0).into();
+    // A resource of its own per run: a wait cancelled as the window closes may still have been
+    // granted (a SET NX, or an Acquire, answered after the caller gave up), and that lease would
+    // block the next run on the same resource for its whole TTL.
+    let run = CONTENDED_RUNS.fetch_add(1, Ordering::Relaxed);
+    let res: Arc<str> = resource(run_id, &format!("c{run}-"), clients, 0).into();
     let seq = Arc::new(AtomicU64::new(0));
     let mut set = JoinSet::new();
     for i in 0..clients {

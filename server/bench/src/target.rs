@@ -4,25 +4,48 @@
 //!   to take it, a compare-and-delete script (EVALSHA through `redis::Script`) to free it, `PTTL`
 //!   and `GET` to inspect it, and for a blocking take a `SET NX` retry loop with a short sleep.
 //! - lockd and lockd-memory are the generated gRPC client; lockd generates the tokens.
+//! - lockd-session sends Acquire and Release on one `Session` stream per connection, shared by
+//!   the connection's clients (as the Rust client shares one per `LockClient`); replies are
+//!   routed back by request id. Inspection and KeepAlive stay unary, as for lockd.
+//! - etcd is etcd's v3lock API, the nearest gRPC lock service: each client grants itself a
+//!   lease (the TTL, in whole seconds) on first use, then `Lock(name, lease)` blocks until the
+//!   lock is held (a try is a Lock with a 1 s deadline) and `Unlock(key)` frees it. Only the
+//!   uncontended and contended scenarios run against it.
 //!
 //! Keeping a lease alive ([`Client::keep_alive`]): redis-direct renews with a compare-and-
 //! `PEXPIRE` script (EVALSHA), as Redis lock libraries extend; lockd opens one KeepAlive stream
 //! naming the lease, and every further (empty) message on it is a heartbeat that renews it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, AsyncConnectionConfig, Value};
 use lockd_proto::v1 as pb;
 use lockd_proto::v1::lock_service_client::LockServiceClient;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::Target;
 use crate::error::{Error, Result};
+
+/// etcd's clients (lease grants, v3lock), generated from `server/bench/proto`.
+mod etcd {
+    #![allow(missing_docs, clippy::all)]
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+}
+
+/// How long an etcd Lock without a wait may take: v3lock has no try, only a blocking Lock.
+const ETCD_TRY: Duration = Duration::from_secs(1);
 
 /// Prefix of redis-direct keys: `lockd-bench:{<resource>}`.
 const DIRECT_PREFIX: &str = "lockd-bench";
@@ -63,6 +86,140 @@ pub struct Session {
 enum Conn {
     Redis(MultiplexedConnection),
     Grpc(LockServiceClient<Channel>),
+    /// A Session stream for Acquire and Release, and the channel for everything else.
+    Session(Arc<Mux>, LockServiceClient<Channel>),
+    /// etcd's lease and v3lock services on one channel.
+    Etcd(Channel),
+}
+
+/// Requests that may wait in a Session stream's send buffer.
+const SESSION_BUFFER: usize = 1024;
+
+/// Callers waiting for their reply on a Session stream, by request id.
+type Pending = Mutex<HashMap<u64, oneshot::Sender<pb::session_response::Reply>>>;
+
+/// One Session stream shared by many clients: each request gets an id, and a task routes each
+/// reply to the caller waiting for that id.
+pub struct Mux {
+    tx: mpsc::Sender<pb::SessionRequest>,
+    pending: Arc<Pending>,
+    next_id: AtomicU64,
+}
+
+impl Mux {
+    async fn open(client: &mut LockServiceClient<Channel>) -> Result<Arc<Self>> {
+        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+        let mut replies = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        let pending: Arc<Pending> = Arc::default();
+        let routes = pending.clone();
+        let releases = tx.downgrade();
+        tokio::spawn(async move {
+            // Loss reports (id 0) have no caller: the bench never heartbeats, and a lease it
+            // holds longer than its TTL is a failed run anyway.
+            while let Ok(Some(r)) = replies.message().await {
+                let caller = routes
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&r.request_id);
+                match (caller, r.reply) {
+                    (Some(caller), Some(reply)) => {
+                        let _ = caller.send(reply);
+                    }
+                    // A wait cancelled at the end of a run may have been granted first: free
+                    // it, or it would block the next run on the same resource for its TTL.
+                    (None, Some(reply)) => {
+                        if let Some(tx) = releases.upgrade() {
+                            release_granted(&tx, reply);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // The stream ended: every caller still waiting sees its reply channel closed.
+            routes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        });
+        Ok(Arc::new(Self {
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+        }))
+    }
+
+    /// Sends `op` and waits for its reply; a `SessionError` becomes an error. Dropped before
+    /// the reply (a wait cancelled when a run ends), it cancels the operation at lockd.
+    async fn call(&self, op: pb::session_request::Op) -> Result<pb::session_response::Reply> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, tx);
+        let mut waiting = Waiting { mux: self, id, rx };
+        let request = pb::SessionRequest {
+            request_id: id,
+            op: Some(op),
+            ..Default::default()
+        };
+        let ended = || Error::Unexpected("the Session stream ended".into());
+        self.tx.send(request).await.map_err(|_| ended())?;
+        match (&mut waiting.rx).await.map_err(|_| ended())? {
+            pb::session_response::Reply::Error(e) => Err(Error::Rpc(tonic::Status::new(
+                tonic::Code::from(e.code),
+                e.message,
+            ))),
+            reply => Ok(reply),
+        }
+    }
+}
+
+/// A call waiting for its reply; dropped first, it cancels the operation at lockd, and frees a
+/// lease granted just before.
+struct Waiting<'a> {
+    mux: &'a Mux,
+    id: u64,
+    rx: oneshot::Receiver<pb::session_response::Reply>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let pending = self
+            .mux
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        if pending.is_some() {
+            let _ = self.mux.tx.try_send(pb::SessionRequest {
+                request_id: self.id,
+                op: Some(pb::session_request::Op::Cancel(pb::SessionCancel {})),
+                ..Default::default()
+            });
+        } else if let Ok(reply) = self.rx.try_recv() {
+            release_granted(&self.mux.tx, reply);
+        }
+    }
+}
+
+/// Releases the lease of a granted Acquire that nobody waits for (the reply is not read).
+fn release_granted(tx: &mpsc::Sender<pb::SessionRequest>, reply: pb::session_response::Reply) {
+    if let pb::session_response::Reply::Acquire(pb::AcquireResponse {
+        acquired: true,
+        lease: Some(lease),
+        ..
+    }) = reply
+    {
+        let _ = tx.try_send(pb::SessionRequest {
+            request_id: 0,
+            op: Some(pb::session_request::Op::Release(release_request(
+                &lease.resource,
+                &lease.token,
+            ))),
+            ..Default::default()
+        });
+    }
 }
 
 /// One simulated client: one request in flight at a time, on one of the session's connections.
@@ -74,6 +231,8 @@ pub struct Client {
     owner: String,
     /// redis-direct tokens are `<owner>-<n>`; lockd generates its own.
     next_token: u64,
+    /// The etcd lease this client's locks are held by, once granted.
+    etcd_lease: Option<i64>,
 }
 
 impl Session {
@@ -92,6 +251,11 @@ impl Session {
             conns.push(match target {
                 Target::RedisDirect => Conn::Redis(redis_connection(address).await?),
                 Target::Lockd | Target::LockdMemory => Conn::Grpc(grpc_channel(address).await?),
+                Target::LockdSession => {
+                    let mut channel = grpc_channel(address).await?;
+                    Conn::Session(Mux::open(&mut channel).await?, channel)
+                }
+                Target::Etcd => Conn::Etcd(endpoint(address)?.connect().await?),
             });
         }
         Ok(Self {
@@ -118,6 +282,7 @@ impl Session {
             poll_interval: self.poll_interval,
             owner: format!("bench-client-{:07}", index % 10_000_000),
             next_token: 0,
+            etcd_lease: None,
         }
     }
 }
@@ -142,9 +307,7 @@ pub async fn redis_connection(url: &str) -> Result<MultiplexedConnection> {
 /// # Errors
 /// Fails when the address is invalid or lockd does not accept connections within 15s.
 pub async fn grpc_channel(address: &str) -> Result<LockServiceClient<Channel>> {
-    let endpoint = Endpoint::from_shared(address.to_owned())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2));
+    let endpoint = endpoint(address)?;
     let deadline = Instant::now() + CONNECT_PATIENCE;
     loop {
         match endpoint.connect().await {
@@ -153,6 +316,79 @@ pub async fn grpc_channel(address: &str) -> Result<LockServiceClient<Channel>> {
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// An Acquire as every gRPC target sends it.
+fn acquire_request(
+    owner: &str,
+    resource: &str,
+    ttl: Duration,
+    wait: Option<Duration>,
+) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        resource: resource.to_owned(),
+        ttl: Some(proto_duration(ttl)),
+        wait_timeout: wait.map(proto_duration),
+        owner: owner.to_owned(),
+        token: String::new(),
+        labels: Default::default(),
+        // Newer fields (semaphore limit, fair waiting) keep their defaults: a plain mutex
+        // with the default waiting order.
+        ..Default::default()
+    }
+}
+
+/// A lease of `ttl` (whole seconds, at least 1) for an etcd client's locks.
+async fn etcd_lease(channel: &Channel, ttl: Duration) -> Result<i64> {
+    let mut leases = etcd::etcdserverpb::lease_client::LeaseClient::new(channel.clone());
+    let granted = leases
+        .lease_grant(etcd::etcdserverpb::LeaseGrantRequest {
+            ttl: i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX),
+            id: 0,
+        })
+        .await?
+        .into_inner();
+    if granted.error.is_empty() {
+        Ok(granted.id)
+    } else {
+        Err(Error::Unexpected(format!(
+            "etcd LeaseGrant: {}",
+            granted.error
+        )))
+    }
+}
+
+fn etcd_unsupported(what: &str) -> Error {
+    Error::Usage(format!(
+        "the etcd target has no {what}: run uncontended and contended only"
+    ))
+}
+
+/// The token of a granted Acquire, `None` when not granted.
+fn granted_token(reply: pb::AcquireResponse) -> Result<Option<String>> {
+    if !reply.acquired {
+        return Ok(None);
+    }
+    match reply.lease {
+        Some(lease) => Ok(Some(lease.token)),
+        None => Err(Error::Unexpected("acquired without a lease".into())),
+    }
+}
+
+/// A Release of `token`'s lease on `resource`, with no minimum hold: free at once.
+fn release_request(resource: &str, token: &str) -> pb::ReleaseRequest {
+    pb::ReleaseRequest {
+        resource: resource.to_owned(),
+        token: token.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// An HTTP/2 endpoint with the bench's settings.
+fn endpoint(address: &str) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(address.to_owned())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2)))
 }
 
 fn direct_key(resource: &str) -> String {
@@ -217,31 +453,57 @@ impl Client {
                 }
             }
             Conn::Grpc(client) => {
-                let reply = client
-                    .acquire(pb::AcquireRequest {
-                        resource: resource.to_owned(),
-                        ttl: Some(proto_duration(ttl)),
-                        wait_timeout: wait.map(proto_duration),
-                        owner: self.owner.clone(),
-                        token: String::new(),
-                        labels: Default::default(),
-                        // Newer fields (semaphore limit, fair waiting) keep their defaults: a
-                        // plain mutex with the default waiting order.
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner();
-                if !reply.acquired {
-                    return Ok(None);
+                let request = acquire_request(&self.owner, resource, ttl, wait);
+                granted_token(client.acquire(request).await?.into_inner())
+            }
+            Conn::Etcd(channel) => {
+                let lease = match self.etcd_lease {
+                    Some(lease) => lease,
+                    None => {
+                        let lease = etcd_lease(channel, ttl).await?;
+                        self.etcd_lease = Some(lease);
+                        lease
+                    }
+                };
+                let mut request = tonic::Request::new(etcd::v3lockpb::LockRequest {
+                    name: format!("{DIRECT_PREFIX}/{resource}").into_bytes(),
+                    lease,
+                });
+                request.set_timeout(wait.unwrap_or(ETCD_TRY));
+                let mut lock = etcd::v3lockpb::lock_client::LockClient::new(channel.clone());
+                match lock.lock(request).await {
+                    Ok(reply) => Ok(Some(
+                        String::from_utf8_lossy(&reply.into_inner().key).into_owned(),
+                    )),
+                    // Still held when the wait ended.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                        ) =>
+                    {
+                        Ok(None)
+                    }
+                    Err(s) => Err(s.into()),
                 }
-                match reply.lease {
-                    Some(lease) => Ok(Some(lease.token)),
-                    None => Err(Error::Unexpected("acquired without a lease".into())),
+            }
+            Conn::Session(mux, _) => {
+                let op = pb::session_request::Op::Acquire(acquire_request(
+                    &self.owner,
+                    resource,
+                    ttl,
+                    wait,
+                ));
+                match mux.call(op).await? {
+                    pb::session_response::Reply::Acquire(r) => granted_token(r),
+                    other => Err(Error::Unexpected(format!("{other:?}"))),
                 }
             }
         }
     }
+}
 
+impl Client {
     /// Frees the lock on `resource` if `token` holds it. Returns whether it did.
     ///
     /// # Errors
@@ -258,15 +520,23 @@ impl Client {
                 Ok(deleted == 1)
             }
             Conn::Grpc(client) => {
-                let reply = client
-                    .release(pb::ReleaseRequest {
-                        resource: resource.to_owned(),
-                        token: token.to_owned(),
-                        // No minimum hold: free at once.
-                        ..Default::default()
-                    })
-                    .await?;
+                let reply = client.release(release_request(resource, token)).await?;
                 Ok(reply.into_inner().released)
+            }
+            Conn::Etcd(channel) => {
+                let mut lock = etcd::v3lockpb::lock_client::LockClient::new(channel.clone());
+                lock.unlock(etcd::v3lockpb::UnlockRequest {
+                    key: token.as_bytes().to_vec(),
+                })
+                .await?;
+                Ok(true)
+            }
+            Conn::Session(mux, _) => {
+                let op = pb::session_request::Op::Release(release_request(resource, token));
+                match mux.call(op).await? {
+                    pb::session_response::Reply::Release(r) => Ok(r.released),
+                    other => Err(Error::Unexpected(format!("{other:?}"))),
+                }
             }
         }
     }
@@ -284,7 +554,8 @@ impl Client {
                     .await?;
                 Ok(pttl != -2)
             }
-            Conn::Grpc(client) => {
+            Conn::Etcd(_) => Err(etcd_unsupported("IsLocked")),
+            Conn::Grpc(client) | Conn::Session(_, client) => {
                 let reply = client
                     .is_locked(pb::IsLockedRequest {
                         resource: resource.to_owned(),
@@ -308,7 +579,8 @@ impl Client {
                     .await?;
                 Ok(holder.is_some())
             }
-            Conn::Grpc(client) => {
+            Conn::Etcd(_) => Err(etcd_unsupported("GetOwner")),
+            Conn::Grpc(client) | Conn::Session(_, client) => {
                 let reply = client
                     .get_owner(pb::GetOwnerRequest {
                         resource: resource.to_owned(),
@@ -339,7 +611,8 @@ impl Client {
                 token: token.to_owned(),
                 ttl_ms: millis(ttl),
             }),
-            Conn::Grpc(client) => {
+            Conn::Etcd(_) => Err(etcd_unsupported("KeepAlive")),
+            Conn::Grpc(client) | Conn::Session(_, client) => {
                 let lease = pb::LeaseRef {
                     resource: resource.to_owned(),
                     token: token.to_owned(),

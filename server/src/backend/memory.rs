@@ -246,7 +246,7 @@ impl State {
             }
             match entry.holders.iter_mut().find(|h| h.token == p.token) {
                 Some(h) if !h.lingering => {
-                    h.renewer = None;
+                    h.renewer.clone_from(&p.renewer);
                     let lease;
                     (lease, *shortened) = renew(h, &p.resource, p.ttl, now, events);
                     self.leave_queue(&p.resource, p.fair.as_deref());
@@ -269,7 +269,7 @@ impl State {
                 expires: now.instant + p.ttl,
                 labels: p.labels.clone(),
                 lingering: false,
-                renewer: None,
+                renewer: p.renewer.clone(),
             };
             let lease = holder.lease(&p.resource, p.ttl, now);
             events.publish(LockEvent {
@@ -601,6 +601,8 @@ mod tests {
         let b = backend();
         checks::release_on_close_spares_a_renewal_made_elsewhere(&b, 1).await;
         checks::release_on_close_spares_a_renewal_made_elsewhere(&b, 3).await;
+        checks::an_acquire_through_a_session_binds_the_lease_to_it(&b, 1).await;
+        checks::an_acquire_through_a_session_binds_the_lease_to_it(&b, 3).await;
     }
 
     #[tokio::test]

@@ -589,7 +589,8 @@ impl Backend for RedisBackend {
             .arg(&p.resource)
             .arg(if p.waiting { "1" } else { "0" })
             .arg(ms(FENCE_GRACE))
-            .arg(&self.released_channel);
+            .arg(&self.released_channel)
+            .arg(p.renewer.as_deref().unwrap_or(""));
         for (name, value) in &p.labels {
             inv.arg(name).arg(value);
         }
@@ -893,6 +894,8 @@ mod tests {
         let (b, shutdown) = redis.backend();
         checks::release_on_close_spares_a_renewal_made_elsewhere(&*b, 1).await;
         checks::release_on_close_spares_a_renewal_made_elsewhere(&*b, 3).await;
+        checks::an_acquire_through_a_session_binds_the_lease_to_it(&*b, 1).await;
+        checks::an_acquire_through_a_session_binds_the_lease_to_it(&*b, 3).await;
         shutdown.cancel();
     }
 

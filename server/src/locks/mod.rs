@@ -46,6 +46,11 @@ pub enum ReleaseVia {
     /// The client ended a KeepAlive stream without releasing its lease (only if that stream
     /// renewed the lease last).
     StreamClosed,
+    /// A Release operation on a Session stream.
+    Session,
+    /// The client ended a Session stream: its leases are released (only those it renewed or
+    /// acquired last).
+    SessionClosed,
 }
 
 impl ReleaseVia {
@@ -54,6 +59,8 @@ impl ReleaseVia {
             Self::Rpc => "rpc",
             Self::KeepAlive => "keepalive",
             Self::StreamClosed => "stream_closed",
+            Self::Session => "session",
+            Self::SessionClosed => "session_closed",
         }
     }
 }

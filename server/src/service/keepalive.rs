@@ -25,7 +25,7 @@ use crate::locks::{Locks, ReleaseVia};
 
 /// Backend calls one stream makes at once when it renews or releases its leases, so one
 /// message cannot flood the backend however many leases it names.
-const CALLS_IN_FLIGHT: usize = 32;
+pub(super) const CALLS_IN_FLIGHT: usize = 32;
 
 /// One KeepAlive stream's state, owned by its task.
 pub struct Session<B> {
@@ -259,13 +259,23 @@ impl<B: Backend> Session<B> {
             .values()
             .map(|(lease, _)| self.release_params(lease, Some(self.id.clone())))
             .collect();
-        futures_util::stream::iter(releases)
-            .for_each_concurrent(CALLS_IN_FLIGHT, |p| {
-                let locks = self.locks.clone();
-                async move {
-                    let _ = locks.release(&p, ReleaseVia::StreamClosed).await;
-                }
-            })
-            .await;
+        release_on_close(&self.locks, releases, ReleaseVia::StreamClosed).await;
     }
+}
+
+/// Releases the leases of a stream the client ended, [`CALLS_IN_FLIGHT`] at a time; each
+/// release is logged, and one that fails leaves its lease to its TTL.
+pub(super) async fn release_on_close<B: Backend>(
+    locks: &Arc<Locks<B>>,
+    releases: Vec<ReleaseParams>,
+    via: ReleaseVia,
+) {
+    futures_util::stream::iter(releases)
+        .for_each_concurrent(CALLS_IN_FLIGHT, |p| {
+            let locks = locks.clone();
+            async move {
+                let _ = locks.release(&p, via).await;
+            }
+        })
+        .await;
 }

@@ -247,6 +247,7 @@ impl Acquire {
                 fair,
                 waiting: !wait.is_zero(),
                 new_token,
+                renewer: None,
             },
             wait,
         })

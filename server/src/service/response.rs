@@ -5,7 +5,8 @@ use std::time::Duration;
 use lockd_proto::v1 as pb;
 
 use crate::lock::{
-    AcquireOutcome, EventKind, Holders, Lease, LeaseStatus, LockEvent, LockInfo, UnixMillis,
+    AcquireOutcome, EventKind, ExtendOutcome, Holders, Lease, LeaseStatus, LockEvent, LockInfo,
+    ReleaseOutcome, UnixMillis,
 };
 
 pub fn timestamp(ms: UnixMillis) -> prost_types::Timestamp {
@@ -40,6 +41,25 @@ pub fn lease_without_token(l: Lease) -> pb::Lease {
         fencing_token: l.fencing_token,
         token: String::new(),
         resource: l.resource,
+    }
+}
+
+/// The answer to a Release (the RPC, or a Session operation).
+pub fn release(outcome: ReleaseOutcome) -> pb::ReleaseResponse {
+    pb::ReleaseResponse {
+        released: outcome.status == LeaseStatus::Ok,
+        status: lease_status(outcome.status) as i32,
+        frees_at: outcome.frees_at.map(timestamp),
+    }
+}
+
+/// The answer to an Extend (the RPC, or a Session operation).
+pub fn extend(outcome: ExtendOutcome) -> pb::ExtendResponse {
+    pb::ExtendResponse {
+        extended: outcome.status == LeaseStatus::Ok,
+        status: lease_status(outcome.status) as i32,
+        // Only Acquire returns tokens: the caller of Extend already has it.
+        lease: outcome.lease.map(lease_without_token),
     }
 }
 

@@ -31,7 +31,9 @@
 --            "<resource>\n<next fair queue head or empty>" there, so that waiters queued behind
 --            it (on any lockd) look again and learn when its lease ends; so does a re-acquire
 --            that shortens a lease waiters have seen
--- ARGV[12], ARGV[13], ...  label name, label value, ... (pairs, possibly none)
+-- ARGV[12] the Session stream that binds the lease, recorded as its k field (see KEYS[1]); ''
+--            for a plain Acquire, which clears the field on a re-acquire
+-- ARGV[13], ARGV[14], ...  label name, label value, ... (pairs, possibly none)
 --
 -- Fencing tokens: max(last token + 1, Redis TIME in microseconds). The counter alone would
 -- restart at 1 after Redis loses it (a restart without persistence, a failover to a lagging
@@ -54,6 +56,7 @@
 local now, now_s, now_us = clock()
 local token, ttl, limit, waiter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4]), ARGV[5]
 local waiting = ARGV[9] == '1'
+local renewer = ARGV[12]
 local grace = tonumber(ARGV[10])
 
 -- The live head of the fair queue and the ms when it goes stale, dropping entries whose lockd
@@ -121,6 +124,16 @@ local function event(kind, owner, fence_s, expires)
   redis.call('PUBLISH', ARGV[7], kind .. '\n' .. ARGV[8] .. '\n' .. owner .. '\n' .. fence_s .. '\n' .. now_s .. '\n' .. expires)
 end
 
+-- Records the binding Session stream as the renewer field `field` of a re-acquired lease, or
+-- clears the field for a plain re-acquire (see KEYS[1]).
+local function set_renewer(field)
+  if renewer == '' then
+    redis.call('HDEL', KEYS[1], field)
+  else
+    redis.call('HSET', KEYS[1], field, renewer)
+  end
+end
+
 -- A waiting caller that is not granted marks the lease, so its release wakes the waiters.
 local function mark_waited()
   if waiting then
@@ -130,7 +143,7 @@ end
 
 local function labels_from_argv()
   local labels = {}
-  for i = 12, #ARGV do
+  for i = 13, #ARGV do
     labels[#labels + 1] = ARGV[i]
   end
   return labels
@@ -160,7 +173,7 @@ if limit == 1 then
       end
       redis.call('PEXPIRE', KEYS[1], ttl)
       redis.call('PEXPIREAT', KEYS[2], now + ttl + grace)
-      redis.call('HDEL', KEYS[1], 'k')
+      set_renewer('k')
       leave_queue()
       event('E', held[4], held[2], now + ttl)
       return {GRANTED, tonumber(held[2]), now, 0}
@@ -187,12 +200,16 @@ if limit == 1 then
   leave_queue()
   local fence, fence_s = next_fence()
   local hash = {'t', token, 'o', ARGV[3], 'f', fence_s, 'a', now_s}
+  if renewer ~= '' then
+    hash[#hash + 1] = 'k'
+    hash[#hash + 1] = renewer
+  end
   if waiting then
     -- Other waiters may still be queued behind this one.
     hash[#hash + 1] = 'w'
     hash[#hash + 1] = '1'
   end
-  for i = 12, #ARGV, 2 do
+  for i = 13, #ARGV, 2 do
     hash[#hash + 1] = 'l:' .. ARGV[i]
     hash[#hash + 1] = ARGV[i + 1]
   end
@@ -221,7 +238,7 @@ if sem.mine and not lingering then
     shortened(KEYS[1], KEYS[3], ARGV[11], ARGV[8])
   end
   redis.call('HSET', KEYS[1], 'e:' .. token, now + ttl)
-  redis.call('HDEL', KEYS[1], 'k:' .. token)
+  set_renewer('k:' .. token)
   set_lifetime(KEYS[1], KEYS[2], math.max(sem.others, now + ttl), now, grace)
   leave_queue()
   local fence_s = sem.h['f:' .. token]
@@ -236,6 +253,9 @@ if not lingering and sem.count < limit and allowed then
     'o:' .. token, ARGV[3], 'e:' .. token, now + ttl, 'g:' .. token, cjson.encode(labels_from_argv()))
   if waiting then
     redis.call('HSET', KEYS[1], 'w', 1)
+  end
+  if renewer ~= '' then
+    redis.call('HSET', KEYS[1], 'k:' .. token, renewer)
   end
   set_lifetime(KEYS[1], KEYS[2], math.max(sem.latest, now + ttl), now, grace)
   event('A', ARGV[3], fence_s, now + ttl)
