@@ -493,3 +493,48 @@ async fn with_the_replicas_asked_for_grants_extends_and_releases_succeed() {
     assert!(extend(&mut c, &lease, 60.0, true).await.extended);
     assert!(release(&mut c, &lease).await.released);
 }
+
+/// Cluster mode: the wake-up subscription goes through one node (classic `PUBLISH` reaches
+/// every node). When that node dies, the subscription moves to another, health comes back,
+/// and a release wakes a waiter again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_subscription_moves_to_another_node_when_its_node_dies() {
+    let mut cluster = Cluster::start(3, 1).await;
+    let masters = cluster.master_ports().await;
+    let replica = cluster
+        .nodes
+        .iter()
+        .map(|n| n.port)
+        .find(|p| !masters.contains(p))
+        .unwrap();
+    // The replica first among the seeds: the subscription goes through it.
+    let mut seeds = vec![format!("127.0.0.1:{replica}")];
+    seeds.extend(masters.iter().map(|p| format!("127.0.0.1:{p}")));
+    let seeds = seeds.join(",");
+    let lockd = Lockd::start_with(
+        None,
+        &[
+            ("REDIS_CLUSTER_NODES", &seeds),
+            ("LOCKD_REDIS_TIMEOUT", "500ms"),
+        ],
+    )
+    .await;
+    health_becomes(&lockd, ServingStatus::Serving).await;
+    let i = cluster
+        .nodes
+        .iter()
+        .position(|n| n.port == replica)
+        .unwrap();
+    cluster.nodes[i].kill();
+    // Lost, then moved to the next seed.
+    log_shows(&lockd, "wake-up subscription down").await;
+    health_becomes(&lockd, ServingStatus::Serving).await;
+    let mut c = lockd.client().await;
+    // The holder's TTL (60 s) outlasts the wait (20 s): only a wake-up can serve the waiter.
+    let lease = acquire_ok(&mut c, "job-1", 60.0).await;
+    let mut waiter = lockd.client().await;
+    let wait = tokio::spawn(async move { wait_acquire(&mut waiter, "job-1", 30.0, 20.0).await });
+    sleep(Duration::from_millis(300)).await;
+    release(&mut c, &lease).await;
+    assert!(wait.await.unwrap().acquired, "the waiter was not woken");
+}
