@@ -4,7 +4,8 @@
 # lockd and lockd-memory (all scenarios, 1/16/128/1024 clients), prints the table, and stops
 # everything it started on exit. About 3 minutes after the build.
 #
-# Scenarios: uncontended, contended, mixed, keepalive (one held lease per client renewed
+# Scenarios: cluster (lockd on a Redis Cluster of 1 and of 3 masters; part of `all`),
+# uncontended, contended, mixed, keepalive (one held lease per client renewed
 # back-to-back: KeepAlive stream heartbeats; redis-direct: compare-and-PEXPIRE), memory (Redis
 # bytes per lock), scale (1,000 then 1,000,000 locks held in Redis) in one lockd-bench run;
 # then waiters (lockd's RSS with 10,000 blocking Acquires, Watch streams, KeepAlive streams),
@@ -196,11 +197,13 @@ MEMORY_PORT=$PORT MEMORY_PID=$PID
 # (RSS is never given back to the system, so earlier load would inflate it).
 MAIN_SCENARIOS=$SCENARIOS
 RUN_WAITERS=no
+RUN_CLUSTER=no
 case ",$SCENARIOS," in
-  *,all,*) MAIN_SCENARIOS=uncontended,contended,mixed,keepalive,memory,scale RUN_WAITERS=yes ;;
-  *,waiters,*)
-    MAIN_SCENARIOS=$(echo ",$SCENARIOS," | sed 's/,waiters,/,/g; s/^,//; s/,$//')
-    RUN_WAITERS=yes ;;
+  *,all,*) MAIN_SCENARIOS=uncontended,contended,mixed,keepalive,memory,scale RUN_WAITERS=yes RUN_CLUSTER=yes ;;
+  *)
+    case ",$SCENARIOS," in *,waiters,*) RUN_WAITERS=yes ;; esac
+    case ",$SCENARIOS," in *,cluster,*) RUN_CLUSTER=yes ;; esac
+    MAIN_SCENARIOS=$(echo ",$SCENARIOS," | sed 's/,waiters,/,/g; s/,cluster,/,/g; s/^,//; s/,$//') ;;
 esac
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -255,6 +258,66 @@ if [ "$RUN_WAITERS" = yes ]; then
       --json "$@" >"${JSON%.json}-waiters-$kind.json"
     stop "$W_PID"
     stop "$M_PID"
+  done
+fi
+
+# cluster: lockd on a Redis Cluster of 1 master (all 16384 slots) and of 3 masters, each node
+# pinned with the other servers; uncontended and contended, lockd target only. On a 2-core
+# machine this shows what Cluster mode costs, not how it scales: the 3 masters share one core.
+# start_cluster N: starts N cluster nodes and joins them; sets CLUSTER_SEEDS and CLUSTER_PIDS.
+start_cluster() {
+  local n=$1 i port ports=()
+  CLUSTER_PIDS=()
+  for i in $(seq "$n"); do
+    port=$(free_port)
+    while [ "$port" -ge 55535 ]; do port=$(free_port); done  # the bus port (+10000) must fit
+    mkdir -p "$TMP/cluster-$n-$port"
+    "${SERVER_PIN[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+      --daemonize no --dir "$TMP/cluster-$n-$port" --cluster-enabled yes \
+      --cluster-config-file "$TMP/cluster-$n-$port/nodes.conf" </dev/null >/dev/null 2>&1 &
+    PIDS+=($!)
+    CLUSTER_PIDS+=($!)
+    ports+=("$port")
+  done
+  for port in "${ports[@]}"; do wait_for_port "$port" "cluster node $port"; done
+  local nodes=()
+  for port in "${ports[@]}"; do nodes+=("127.0.0.1:$port"); done
+  if [ "$n" -eq 1 ]; then
+    # redis-cli --cluster create wants 3 masters at least: one node takes every slot itself.
+    redis-cli -p "${ports[0]}" cluster addslotsrange 0 16383 >/dev/null
+  else
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+  fi
+  for port in "${ports[@]}"; do
+    until redis-cli -p "$port" cluster info | grep -q cluster_state:ok; do sleep 0.05; done
+  done
+  CLUSTER_SEEDS=$(IFS=,; echo "${nodes[*]}")
+}
+
+if [ "$RUN_CLUSTER" = yes ]; then
+  for masters in 1 3; do
+    start_cluster "$masters"
+    PORT=$(free_port)
+    env -u REDIS_URL REDIS_CLUSTER_NODES="$CLUSTER_SEEDS" RUST_LOG=warn "${SERVER_PIN[@]}" \
+      "$LOCKD_BIN" --listen "127.0.0.1:$PORT" </dev/null >"$TMP/lockd-cluster-$masters.log" 2>&1 &
+    C_PID=$!
+    PIDS+=("$C_PID")
+    wait_for_port "$PORT" "lockd-cluster-$masters"
+    echo
+    echo "== cluster: lockd (pid $C_PID) on a Redis Cluster of $masters master(s) ($CLUSTER_SEEDS)"
+    "${BENCH_PIN[@]}" "$ROOT/target/release/lockd-bench" \
+      --target lockd \
+      --scenario "${BENCH_CLUSTER_SCENARIOS:-uncontended,contended}" \
+      --clients "${BENCH_CLUSTER_CLIENTS:-16,128}" \
+      --connections "$CONNECTIONS" \
+      --repeat "$REPEAT" \
+      --duration "$DURATION" \
+      --warmup "$WARMUP" \
+      --lockd-addr "http://127.0.0.1:$PORT" \
+      --lockd-pid "$C_PID" \
+      --json "$@" >"${JSON%.json}-cluster-$masters.json"
+    stop "$C_PID"
+    for pid in "${CLUSTER_PIDS[@]}"; do stop "$pid"; done
   done
 fi
 

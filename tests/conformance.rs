@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::support::*;
 
-crate::conformance! {
+crate::conformance_ha! {
     // The design note's first case: acquire, then release, and the lock is free again.
     async fn acquire_then_release_frees_the_lock(store: Store) {
         let s = Setup::new(store).await;

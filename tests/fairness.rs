@@ -65,7 +65,7 @@ async fn serve_in_order(endpoints: &[String], n: usize, cancel: usize) -> Vec<us
     Arc::try_unwrap(order).unwrap().into_inner().unwrap()
 }
 
-crate::conformance! {
+crate::conformance_ha! {
     async fn twenty_fair_waiters_are_served_in_arrival_order(store: Store) {
         let s = Setup::new(store).await;
         let order = serve_in_order(&[s.lockd.endpoint()], 20, 7).await;

@@ -24,6 +24,8 @@ mod support;
 mod checker;
 #[path = "history/faults.rs"]
 mod faults;
+#[path = "history/ha.rs"]
+mod ha;
 #[path = "history/model.rs"]
 mod model;
 #[path = "history/proxy.rs"]
@@ -45,7 +47,7 @@ use checker::{Kind, Report};
 use faults::Topology;
 use model::*;
 use proxy::Proxy;
-use support::{Lockd, RedisServer};
+use support::{Cluster, Lockd, RedisServer, SentinelGroup};
 use workload::{Client, Recorder, Resource, Rng};
 
 const CLIENTS: usize = 12;
@@ -128,6 +130,32 @@ async fn start_topology() -> Topology {
 
 /// Runs the workload with faults for `secs` and returns the history and what is left running.
 async fn run(seed: u64, secs: u64, topology: Topology) -> (History, Topology) {
+    let endpoints: Vec<String> = topology
+        .client_proxies
+        .iter()
+        .map(|p| p.url("http"))
+        .collect();
+    run_with(seed, secs, CLIENTS, endpoints, |rng, rec, until| {
+        faults::inject(rng, rec, topology, until)
+    })
+    .await
+}
+
+/// Runs `clients` workload clients for `secs`, spread over `endpoints`, while `inject` (given
+/// its own random stream, the recorder and the end time) injects faults; returns the history
+/// and what `inject` returned.
+async fn run_with<T, F, Fut>(
+    seed: u64,
+    secs: u64,
+    clients: usize,
+    endpoints: Vec<String>,
+    inject: F,
+) -> (History, T)
+where
+    F: FnOnce(Rng, Recorder, Instant) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let mut rng = Rng::new(seed);
     let resources = resources();
     let limits: Vec<(String, u32)> = resources
@@ -139,11 +167,10 @@ async fn run(seed: u64, secs: u64, topology: Topology) -> (History, Topology) {
     let streams = Arc::new(AtomicUsize::new(0));
     let session_calls = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for id in 0..CLIENTS {
-        let endpoint = topology.client_proxies[id % topology.client_proxies.len()].url("http");
+    for id in 0..clients {
         let mut client = Client::new(
             id,
-            endpoint,
+            endpoints[id % endpoints.len()].clone(),
             rng.fork(),
             rec.clone(),
             resources.clone(),
@@ -155,17 +182,17 @@ async fn run(seed: u64, secs: u64, topology: Topology) -> (History, Topology) {
         client.session_calls = session_calls.clone();
         tasks.push(tokio::spawn(client.run()));
     }
-    let injector = tokio::spawn(faults::inject(rng.fork(), rec.clone(), topology, until));
+    let injector = tokio::spawn(inject(rng.fork(), rec.clone(), until));
     for t in tasks {
         t.await.unwrap();
     }
-    let topology = injector.await.unwrap();
+    let left = injector.await.unwrap();
     println!(
         "history: {} calls on Session streams (by the odd-numbered clients; LOCKD_HISTORY_SESSIONS=off for none), {} KeepAlive and Session streams",
         session_calls.load(std::sync::atomic::Ordering::Relaxed),
         streams.load(std::sync::atomic::Ordering::Relaxed)
     );
-    (rec.take(), topology)
+    (rec.take(), left)
 }
 
 /// The figures a run prints.
@@ -289,11 +316,15 @@ fn judge(seed: u64, secs: u64, label: &str, h: &History) -> Option<String> {
     })
 }
 
+/// The history tests run one at a time: each loads both CPUs, and the checker judges timing.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Three lockd replicas on one durable Redis, under lockd kills, Redis pauses and restarts, and
 /// proxy latency, resets and black-holes; then a shorter phase on one lockd with the embedded
 /// backend (no lockd restarts there: its locks live in the process).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_under_faults_has_no_double_grant_or_sleeping_waiter() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let (seed, secs) = settings();
     println!("history: seed {seed} (LOCKD_HISTORY_SEED), {secs} s (LOCKD_HISTORY_SECS)");
     let topology = start_topology().await;
@@ -315,4 +346,179 @@ async fn history_under_faults_has_no_double_grant_or_sleeping_waiter() {
     drop(topology);
     failures.extend(judge(seed, mem_secs, "memory", &history));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The length of each high-availability run: `LOCKD_HISTORY_HA_SECS`, default 30 (a failover,
+/// the old master's demotion about 10 s later, its resync, and time to see service resume).
+fn ha_secs() -> u64 {
+    std::env::var("LOCKD_HISTORY_HA_SECS")
+        .ok()
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("LOCKD_HISTORY_HA_SECS: whole seconds")
+        })
+        .unwrap_or(30)
+}
+
+/// Clients and lockd replicas of the high-availability runs.
+const HA_CLIENTS: usize = 16;
+const HA_LOCKDS: usize = 2;
+
+/// Starts the lockd replicas on `env` (a Sentinel group's or a cluster's settings), with
+/// replica acknowledgements when `acks`.
+async fn ha_lockds(mut env: Vec<(String, String)>, acks: bool) -> Vec<Lockd> {
+    env.push(("LOCKD_REDIS_TIMEOUT".into(), "500ms".into()));
+    env.push(("LOCKD_SHUTDOWN_GRACE".into(), "1s".into()));
+    if acks {
+        env.push(("LOCKD_MIN_REPLICA_ACKS".into(), "1".into()));
+        env.push(("LOCKD_REPLICA_ACK_TIMEOUT".into(), "200ms".into()));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut lockds = Vec::new();
+    for _ in 0..HA_LOCKDS {
+        lockds.push(Lockd::start_with(None, &env).await);
+    }
+    lockds
+}
+
+/// Judges a high-availability run: with `overlaps_allowed` (no replica acknowledgements,
+/// where a failover may lose a grant) double grants are counted, not failed; every other
+/// violation fails.
+fn judge_ha(seed: u64, secs: u64, label: &str, h: &History, overlaps_allowed: bool) -> Report {
+    let report = checker::check(h);
+    let path = dump(seed, label, h);
+    let (outage, worst, resource) = ha::longest_outage(h);
+    println!(
+        "== {label}\n{}  longest time without service (no grant, extension or release): \
+         {outage:.0} ms on all resources, {worst:.0} ms on one ({resource})\n  history \
+         written to {}",
+        figures(seed, secs, h, &report),
+        path.display()
+    );
+    let failing: Vec<_> = report
+        .violations
+        .iter()
+        .filter(|v| !(overlaps_allowed && v.kind == Kind::Overlap))
+        .collect();
+    assert!(
+        failing.is_empty(),
+        "{label}: {} violations (seed {seed}; replay with LOCKD_HISTORY_SEED={seed}):\n{}",
+        failing.len(),
+        report.describe()
+    );
+    report
+}
+
+async fn sentinel_failover_run(acks: bool) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (seed, _) = settings();
+    let secs = ha_secs();
+    let label = if acks {
+        "sentinel-acks"
+    } else {
+        "sentinel-no-acks"
+    };
+    println!("{label}: seed {seed}, {secs} s");
+    let group = SentinelGroup::start().await;
+    let lockds = ha_lockds(group.env(), acks).await;
+    let endpoints = lockds.iter().map(Lockd::endpoint).collect();
+    let (h, (_group, old)) = run_with(seed, secs, HA_CLIENTS, endpoints, |rng, rec, until| {
+        ha::sentinel_failover(rng, rec, group, until)
+    })
+    .await;
+    drop(lockds);
+    let report = judge_ha(seed, secs, label, &h, !acks);
+    let stale = old.stale_writes();
+    println!(
+        "  double grants: {}\n  writes on the old master: {} in all; {} after the switch \
+         (+{} ms) and before its demotion; last write {:?} ms after the switch",
+        report.count(Kind::Overlap),
+        old.writes.len(),
+        stale.len(),
+        ha::STALE_MARGIN / 1000,
+        old.last_write_after_switch_ms()
+    );
+    assert!(old.switched.is_some(), "no +switch-master seen");
+    assert!(
+        !old.writes.is_empty(),
+        "no write seen on the old master before the failover: the check sees nothing"
+    );
+    assert!(
+        stale.is_empty(),
+        "{label}: lockd wrote to the demoted master after the switch: {stale:?}"
+    );
+}
+
+/// Sentinel (a master, a replica, three sentinels), two lockd replicas and 16 clients; the
+/// master fails over under load. With replica acknowledgements, no grant is lost: no double
+/// grant. And lockd writes nothing to the old master once Sentinel switched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_with_replica_acks_has_no_double_grant_and_no_write_on_the_old_master() {
+    sentinel_failover_run(true).await;
+}
+
+/// The same without replica acknowledgements: grants the replica had not received yet are lost
+/// in the failover, so double grants are possible and counted; nothing else may go wrong, and
+/// lockd still writes nothing to the old master once Sentinel switched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_without_replica_acks_writes_nothing_on_the_old_master() {
+    sentinel_failover_run(false).await;
+}
+
+async fn cluster_kill_run(acks: bool) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (seed, _) = settings();
+    let secs = ha_secs();
+    let label = if acks {
+        "cluster-kill-acks"
+    } else {
+        "cluster-kill-no-acks"
+    };
+    println!("{label}: seed {seed}, {secs} s");
+    let cluster = Cluster::start(3, 1).await;
+    let lockds = ha_lockds(cluster.env(), acks).await;
+    let endpoints = lockds.iter().map(Lockd::endpoint).collect();
+    let (h, _cluster) = run_with(seed, secs, HA_CLIENTS, endpoints, |rng, rec, until| {
+        ha::cluster_master_kill(rng, rec, cluster, until)
+    })
+    .await;
+    drop(lockds);
+    let report = judge_ha(seed, secs, label, &h, !acks);
+    println!("  double grants: {}", report.count(Kind::Overlap));
+}
+
+/// A 3-master cluster with a replica each, two lockd replicas and 16 clients; the master that
+/// holds a live lock is SIGKILLed and its replica takes over. With replica acknowledgements:
+/// no double grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_master_kill_with_replica_acks_has_no_double_grant() {
+    cluster_kill_run(true).await;
+}
+
+/// The same without replica acknowledgements: double grants are counted, nothing else may go
+/// wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_master_kill_without_replica_acks_breaks_nothing_but_may_lose_grants() {
+    cluster_kill_run(false).await;
+}
+
+/// A 3-master cluster, two lockd replicas and 16 clients; every slot of the master that holds
+/// a live lock moves to another master (`redis-cli --cluster reshard`) while the clients use
+/// it. Nothing is lost: no double grant, no sleeping waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_reshard_under_load_loses_no_lock() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (seed, _) = settings();
+    let secs = ha_secs().min(20);
+    println!("cluster-reshard: seed {seed}, {secs} s");
+    let cluster = Cluster::start(3, 0).await;
+    let lockds = ha_lockds(cluster.env(), false).await;
+    let endpoints = lockds.iter().map(Lockd::endpoint).collect();
+    let (h, _cluster) = run_with(seed, secs, HA_CLIENTS, endpoints, |rng, rec, until| {
+        ha::cluster_reshard(rng, rec, cluster, until)
+    })
+    .await;
+    drop(lockds);
+    judge_ha(seed, secs, "cluster-reshard", &h, false);
 }

@@ -35,7 +35,7 @@ async fn open(
     (tx, replies)
 }
 
-crate::conformance! {
+crate::conformance_ha! {
     async fn heartbeats_keep_a_lease_alive_past_its_ttl(store: Store) {
         let s = Setup::new(store).await;
         let mut c = s.client().await;

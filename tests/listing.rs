@@ -6,7 +6,7 @@ use lockd_client::proto::ListLocksRequest;
 
 use crate::support::*;
 
-crate::conformance! {
+crate::conformance_ha! {
     async fn list_pages_through_ten_thousand_locks_without_duplicates_or_omissions(store: Store) {
         let s = Setup::new(store).await;
         let mut tasks = Vec::new();
@@ -52,6 +52,7 @@ crate::conformance! {
         assert_eq!(seen.len(), 10_000, "omissions in the listing");
         assert!(pages >= 10, "expected paging, got {pages} pages");
         assert!(seen.iter().all(|r| r.starts_with("batch/")));
+        s.remove_keys().await;
     }
 }
 

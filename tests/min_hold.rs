@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-crate::conformance! {
+crate::conformance_ha! {
     async fn lock_released_with_a_minimum_hold_stays_held_until_then(store: Store) {
         let s = Setup::new(store).await;
         let mut c = s.client().await;

@@ -414,3 +414,82 @@ async fn an_evicting_redis_found_after_start_is_refused_until_fixed() {
     assert!(release(&mut c, &lease).await.released);
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockd_refuses_to_start_with_two_redis_modes_naming_both() {
+    let redis = RedisServer::start().await;
+    let (status, log) =
+        lockd_exits(&redis.url(), &[("REDIS_CLUSTER_NODES", "127.0.0.1:7000")]).await;
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("REDIS_URL") && log.contains("REDIS_CLUSTER_NODES"),
+        "{log}"
+    );
+}
+
+/// Sentinel mode while the sentinels know no master of that name: no wrong answer, only
+/// `UNAVAILABLE` and `NOT_SERVING`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_that_know_no_such_master_give_not_serving_and_unavailable() {
+    let group = shared_sentinel().await;
+    let mut env = group.env();
+    env.retain(|(k, _)| k != "REDIS_SENTINEL_MASTER");
+    env.push(("REDIS_SENTINEL_MASTER".into(), "no-such-master".into()));
+    env.push(("LOCKD_REDIS_TIMEOUT".into(), "500ms".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let lockd = Lockd::start_with(None, &env).await;
+    health_becomes(&lockd, ServingStatus::NotServing).await;
+    let mut c = lockd.client().await;
+    let err = c.acquire(acquire_req("job-1", 30.0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("no-such-master"),
+        "{}",
+        err.message()
+    );
+}
+
+/// With replica acknowledgements asked for and no replica: every grant is undone and answered
+/// `UNAVAILABLE`, the lock stays free, and health is `NOT_SERVING`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_replicas_asked_for_a_grant_is_undone_and_unavailable() {
+    let redis = RedisServer::start().await;
+    let lockd = Lockd::start_with(
+        Some(&redis),
+        &[
+            ("LOCKD_MIN_REPLICA_ACKS", "1"),
+            ("LOCKD_REPLICA_ACK_TIMEOUT", "100ms"),
+        ],
+    )
+    .await;
+    health_becomes(&lockd, ServingStatus::NotServing).await;
+    let mut c = lockd.client().await;
+    let err = c.acquire(acquire_req("job-1", 30.0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("not acknowledged"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        !is_locked(&mut c, "job-1").await.locked,
+        "the unacknowledged grant stayed"
+    );
+    assert!(redis.keys().await.iter().all(|k| !k.ends_with("{job-1}")));
+}
+
+/// With a replica, the same settings grant, extend and release as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_replicas_asked_for_grants_extends_and_releases_succeed() {
+    let group = shared_sentinel().await;
+    let mut env = group.env();
+    env.push(("LOCKD_MIN_REPLICA_ACKS".into(), "1".into()));
+    env.push(("LOCKD_KEY_PREFIX".into(), "acks".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let lockd = Lockd::start_with(None, &env).await;
+    health_becomes(&lockd, ServingStatus::Serving).await;
+    let mut c = lockd.client().await;
+    let lease = acquire_ok(&mut c, "job-1", 30.0).await;
+    assert!(extend(&mut c, &lease, 60.0, true).await.extended);
+    assert!(release(&mut c, &lease).await.released);
+}

@@ -14,33 +14,16 @@ use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::{Instant, sleep};
 
 use crate::support::*;
 
-/// The scheduler binary, built once per test run by the same cargo, into the same target
-/// directory and profile as `lockd` (a plain `cargo test` builds only its unit-test harness).
-fn scheduler_binary() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_BIN_EXE_lockd")).parent().unwrap();
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "--quiet", "-p", "lockd-scheduler-example"]);
-        if dir.file_name().is_some_and(|name| name == "release") {
-            build.arg("--release");
-        }
-        let built = build.status().is_ok_and(|status| status.success());
-        let binary = dir.join("lockd-scheduler-example");
-        assert!(
-            built && binary.exists(),
-            "could not build {}; run `cargo build -p lockd-scheduler-example`",
-            binary.display()
-        );
-        binary
-    })
+/// The scheduler binary, built once per test run (a plain `cargo test` builds only its
+/// unit-test harness).
+fn scheduler_binary() -> PathBuf {
+    workspace_binary("lockd-scheduler-example", "lockd-scheduler-example")
 }
 
 fn now_ns() -> u128 {
@@ -381,7 +364,7 @@ fn readme_scheduler_examples_are_copied_from_code_that_runs() {
     assert!(!section.is_empty(), "README.md lost its scheduler section");
     for (lang, source) in [
         ("rust", "examples/scheduler/src/scheduler.rs"),
-        ("python", "examples/python/worker.py"),
+        ("python", "client/python/examples/worker.py"),
     ] {
         let fence = format!("```{lang}");
         let snippet: Vec<&str> = section

@@ -32,7 +32,7 @@ fn max_concurrent(windows: &[(Instant, Instant)]) -> usize {
     max as usize
 }
 
-crate::conformance! {
+crate::conformance_ha! {
     async fn a_semaphore_admits_up_to_its_limit_and_reports_its_holders(store: Store) {
         let s = Setup::new(store).await;
         let mut c = s.client().await;

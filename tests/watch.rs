@@ -50,7 +50,7 @@ async fn hammer(s: &Setup, prefix: &str) -> Duration {
     started.elapsed()
 }
 
-crate::conformance! {
+crate::conformance_ha! {
     async fn watch_sees_acquire_extend_release_and_expire_in_order(store: Store) {
         let s = Setup::new(store).await;
         let mut c = s.client().await;

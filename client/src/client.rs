@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use lockd_proto::v1::session_request::Op;
@@ -36,8 +37,32 @@ const LIST_PAGE_SIZE: u32 = 500;
 /// Made by [`LockClient::connect`], [`LockClient::builder`] or [`LockClient::from_channel`].
 #[derive(Debug, Clone)]
 pub struct LockClient {
-    inner: Client,
+    endpoints: Arc<Endpoints>,
     config: Arc<Config>,
+}
+
+/// The lockd replicas a client may call, and the one it calls now. A call that fails with a
+/// retryable error moves the client on to the next one before it retries.
+#[derive(Debug)]
+pub(crate) struct Endpoints {
+    clients: Vec<Client>,
+    current: AtomicUsize,
+}
+
+impl Endpoints {
+    /// The index of the endpoint in use now.
+    pub(crate) fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint at `index` failed: move on to the next one, unless another call already
+    /// did.
+    pub(crate) fn failed(&self, index: usize) {
+        let next = (index + 1) % self.clients.len();
+        let _ = self
+            .current
+            .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
 }
 
 /// Settings shared by all clones of a client.
@@ -47,8 +72,9 @@ struct Config {
     retry: RetryPolicy,
     /// Used when a lock's options name no owner.
     owner: Option<String>,
-    /// The shared Session stream for Acquire, Release and Extend; `None`: unary calls.
-    session: Option<Mux>,
+    /// The shared Session stream for Acquire, Release and Extend, one per endpoint (in the
+    /// order of [`Endpoints`]); empty: unary calls.
+    sessions: Vec<Mux>,
 }
 
 /// The result of an attempt to take a lock.
@@ -119,7 +145,7 @@ pub enum Outcome<T> {
 #[derive(Debug, Clone)]
 #[must_use = "a ClientBuilder does nothing until connect() or connect_lazy()"]
 pub struct ClientBuilder {
-    endpoint: String,
+    endpoints: Vec<String>,
     connect_timeout: Duration,
     request_timeout: Duration,
     retry: RetryPolicy,
@@ -177,27 +203,66 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects now.
+    /// More lockd replicas to fall back on: when a call to the replica in use fails with
+    /// `UNAVAILABLE` (it stopped, or lost Redis), the client moves on to the next one before
+    /// it retries. The endpoint given to [`LockClient::builder`] may also list several,
+    /// separated by commas.
+    pub fn fallback(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoints.push(endpoint.into());
+        self
+    }
+
+    /// Connects now: to the first endpoint that answers (the others connect when first used).
     ///
     /// # Errors
-    /// [`Error::Connect`] when the endpoint is invalid or the connection cannot be made.
+    /// [`Error::Connect`] when an endpoint is invalid or no connection can be made.
     pub async fn connect(self) -> Result<LockClient, Error> {
-        let endpoint = self.endpoint()?;
-        let channel = endpoint.connect().await?;
-        Ok(self.client(channel))
+        let mut channels = Vec::new();
+        let mut first = None;
+        let mut last_error = None;
+        for (i, address) in self.endpoints.iter().enumerate() {
+            let endpoint = self.endpoint(address)?;
+            if first.is_some() {
+                channels.push(endpoint.connect_lazy());
+                continue;
+            }
+            match endpoint.connect().await {
+                Ok(channel) => {
+                    first = Some(i);
+                    channels.push(channel);
+                }
+                Err(e) => {
+                    last_error = Some(e);
+                    channels.push(endpoint.connect_lazy());
+                }
+            }
+        }
+        match (first, last_error) {
+            (Some(i), _) => Ok(self.client(channels, i)),
+            (None, Some(e)) => Err(e.into()),
+            // `builder` keeps at least one endpoint, even an empty (invalid) one.
+            (None, None) => Err(self
+                .endpoint("")
+                .err()
+                .unwrap_or_else(|| Error::Protocol("no endpoint given".into()))),
+        }
     }
 
     /// Returns a client at once and connects on first use (and reconnects after failures).
     ///
     /// # Errors
-    /// [`Error::Connect`] when the endpoint is invalid.
+    /// [`Error::Connect`] when an endpoint is invalid.
     pub fn connect_lazy(self) -> Result<LockClient, Error> {
-        let channel = self.endpoint()?.connect_lazy();
-        Ok(self.client(channel))
+        let channels = self
+            .endpoints
+            .iter()
+            .map(|e| Ok(self.endpoint(e)?.connect_lazy()))
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(self.client(channels, 0))
     }
 
-    fn endpoint(&self) -> Result<Endpoint, Error> {
-        let endpoint = Endpoint::from_shared(self.endpoint.clone())?
+    fn endpoint(&self, address: &str) -> Result<Endpoint, Error> {
+        let endpoint = Endpoint::from_shared(address.to_owned())?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
         #[cfg(feature = "tls")]
@@ -208,16 +273,26 @@ impl ClientBuilder {
         Ok(endpoint)
     }
 
-    fn client(self, channel: Channel) -> LockClient {
-        let inner = proto::LockServiceClient::new(channel);
+    fn client(self, channels: Vec<Channel>, current: usize) -> LockClient {
+        let clients: Vec<Client> = channels
+            .into_iter()
+            .map(proto::LockServiceClient::new)
+            .collect();
         LockClient {
             config: Arc::new(Config {
                 request_timeout: self.request_timeout,
                 retry: self.retry,
                 owner: self.owner,
-                session: self.sessions.then(|| Mux::new(inner.clone())),
+                sessions: if self.sessions {
+                    clients.iter().map(|c| Mux::new(c.clone())).collect()
+                } else {
+                    Vec::new()
+                },
             }),
-            inner,
+            endpoints: Arc::new(Endpoints {
+                clients,
+                current: AtomicUsize::new(current),
+            }),
         }
     }
 }
@@ -232,10 +307,23 @@ impl LockClient {
         Self::builder(endpoint).connect().await
     }
 
-    /// Settings for a connection to `endpoint`: timeouts, retries, default owner, TLS.
+    /// Settings for a connection to `endpoint`: timeouts, retries, default owner, TLS. Several
+    /// lockd replicas may be given, separated by commas (`http://a:50051,http://b:50051`): see
+    /// [`ClientBuilder::fallback`].
     pub fn builder(endpoint: impl Into<String>) -> ClientBuilder {
+        let endpoint: String = endpoint.into();
+        let mut endpoints: Vec<String> = endpoint
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if endpoints.is_empty() {
+            // Refused by `connect` as an invalid endpoint, naming it.
+            endpoints.push(endpoint);
+        }
         ClientBuilder {
-            endpoint: endpoint.into(),
+            endpoints,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retry: RetryPolicy::default(),
@@ -248,12 +336,17 @@ impl LockClient {
 
     /// A client over a channel you built yourself, with the default settings.
     pub fn from_channel(channel: Channel) -> Self {
-        Self::builder(String::new()).client(channel)
+        Self::builder(String::new()).client(vec![channel], 0)
     }
 
-    /// The generated client over the same connection, for calls this layer does not wrap.
+    /// The generated client over the connection in use, for calls this layer does not wrap.
     pub fn raw(&self) -> Client {
-        self.inner.clone()
+        self.endpoints.clients[self.endpoints.current()].clone()
+    }
+
+    /// The endpoints, for the retry loop and KeepAlive renewals.
+    pub(crate) fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
     }
 
     /// Options for a lock on `resource`, set builder-style and finished with
@@ -408,7 +501,7 @@ impl LockClient {
         let reply = self
             .config
             .retry
-            .run(|| {
+            .run_on(&self.endpoints, || {
                 let request = self.request(
                     GetOwnerRequest {
                         resource: resource.clone(),
@@ -436,7 +529,7 @@ impl LockClient {
             let reply = self
                 .config
                 .retry
-                .run(|| {
+                .run_on(&self.endpoints, || {
                     let request = self.request(
                         ListLocksRequest {
                             prefix: prefix.clone(),
@@ -576,7 +669,7 @@ impl LockClient {
         let result = self
             .config
             .retry
-            .run(|| {
+            .run_on(&self.endpoints, || {
                 let wait = wait_until
                     .map(|until| until.saturating_duration_since(Instant::now()))
                     .filter(|wait| !wait.is_zero());
@@ -627,7 +720,7 @@ impl LockClient {
         let reply = self
             .config
             .retry
-            .run(|| self.extend_once(resource, token, ttl))
+            .run_on(&self.endpoints, || self.extend_once(resource, token, ttl))
             .await?;
         if !reply.extended {
             return Ok(None);
@@ -704,7 +797,7 @@ impl LockClient {
         retry: &RetryPolicy,
     ) -> Result<bool, Error> {
         let reply = retry
-            .run(|| {
+            .run_on(&self.endpoints, || {
                 let message = ReleaseRequest {
                     resource: resource.to_owned(),
                     token: token.0.clone(),
@@ -738,15 +831,15 @@ impl LockClient {
     ) -> Option<impl Future<Output = Result<Reply, tonic::Status>> + '_> {
         let limit = self.config.request_timeout.saturating_add(extra);
         self.config
-            .session
-            .as_ref()
+            .sessions
+            .get(self.endpoints.current())
             .map(move |mux| mux.call(op, limit))
     }
 
     /// Whether guards renew through the shared session (with `Extend`) rather than a
     /// `KeepAlive` stream each.
     pub(crate) fn has_session(&self) -> bool {
-        self.config.session.is_some()
+        !self.config.sessions.is_empty()
     }
 
     /// A request carrying the request timeout plus `extra` as its deadline.

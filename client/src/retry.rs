@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep};
 use tonic::Status;
 
+use crate::client::Endpoints;
 use crate::error::is_retryable;
 
 /// How calls that fail with `UNAVAILABLE` are repeated.
@@ -98,7 +99,43 @@ impl RetryPolicy {
 
     /// Runs `op` until it succeeds, fails with an error that is not retryable, or the policy's
     /// bounds are reached; returns the last result.
-    pub(crate) async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, Status>
+    #[cfg(test)]
+    pub(crate) async fn run<T, F, Fut>(&self, op: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.run_observed(op, |_| {}).await
+    }
+
+    /// [`run`](Self::run) for calls to `endpoints`: after a retryable failure, the client
+    /// moves on to the next endpoint.
+    pub(crate) async fn run_on<T, F, Fut>(
+        &self,
+        endpoints: &Endpoints,
+        mut op: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let used = std::sync::atomic::AtomicUsize::new(endpoints.current());
+        let op = || {
+            used.store(endpoints.current(), std::sync::atomic::Ordering::Relaxed);
+            op()
+        };
+        self.run_observed(op, |_| {
+            endpoints.failed(used.load(std::sync::atomic::Ordering::Relaxed));
+        })
+        .await
+    }
+
+    /// The retry loop, calling `failed` after each retryable failure.
+    async fn run_observed<T, F, Fut>(
+        &self,
+        mut op: F,
+        failed: impl Fn(&Status),
+    ) -> Result<T, Status>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -110,6 +147,9 @@ impl RetryPolicy {
                 Ok(value) => return Ok(value),
                 Err(status) => status,
             };
+            if is_retryable(&status) {
+                failed(&status);
+            }
             attempt += 1;
             if !is_retryable(&status) || attempt >= self.max_attempts {
                 return Err(status);

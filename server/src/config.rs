@@ -34,9 +34,41 @@ pub struct Config {
     #[arg(long, env = "REDIS_DB", default_value_t = 0)]
     pub redis_db: u32,
 
-    /// Redis password, used with REDIS_HOST. Never logged.
+    /// Redis password, used with REDIS_HOST, and for the Redis nodes in Sentinel and Cluster
+    /// modes. Never logged.
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+
+    /// Sentinel mode: the sentinels, as host:port,host:port,... lockd asks them for the master
+    /// of REDIS_SENTINEL_MASTER and follows its failovers. Excludes REDIS_URL, REDIS_HOST and
+    /// REDIS_CLUSTER_NODES.
+    #[arg(long, env = "REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+
+    /// Sentinel mode: the name of the master the sentinels monitor.
+    #[arg(long, env = "REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
+    /// Sentinel mode: the sentinels' own password, if they require one. Never logged.
+    #[arg(long, env = "REDIS_SENTINEL_PASSWORD", hide_env_values = true)]
+    pub redis_sentinel_password: Option<String>,
+
+    /// Cluster mode: some nodes of the Redis Cluster (seeds), as host:port,host:port,...
+    /// lockd discovers the rest. Excludes REDIS_URL, REDIS_HOST and REDIS_SENTINELS.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", value_delimiter = ',')]
+    pub redis_cluster_nodes: Vec<String>,
+
+    /// Replicas that must acknowledge every grant, extend and release (Redis WAIT) before
+    /// lockd answers. A grant they do not acknowledge in time is undone and answered
+    /// UNAVAILABLE, so a failover cannot lose it. 0 (the default): lockd answers once the
+    /// master has it, and a failover may lose the latest grants.
+    #[arg(long, env = "LOCKD_MIN_REPLICA_ACKS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub min_replica_acks: u32,
+
+    /// How long a change waits for LOCKD_MIN_REPLICA_ACKS acknowledgements; less than
+    /// LOCKD_REDIS_TIMEOUT.
+    #[arg(long, env = "LOCKD_REPLICA_ACK_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    pub replica_ack_timeout: Duration,
 
     /// Number of multiplexed Redis connections shared by all requests; 0 means one per runtime
     /// worker thread. Fewer connections batch more commands into each write.
@@ -118,11 +150,42 @@ pub struct Limits {
     pub max_stream_leases: usize,
 }
 
-/// How to reach Redis, already resolved from REDIS_URL or REDIS_HOST and friends.
+/// Which Redis deployment lockd uses, and where it is.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One Redis (REDIS_URL, or REDIS_HOST and friends). The URL may contain a password: log
+    /// [`RedisConfig::describe`] instead.
+    Single {
+        /// The connection URL.
+        url: String,
+    },
+    /// A master found through Redis Sentinel (REDIS_SENTINELS, REDIS_SENTINEL_MASTER).
+    Sentinel {
+        /// The sentinels, host:port.
+        sentinels: Vec<String>,
+        /// The monitored master's name.
+        master: String,
+        /// The sentinels' password.
+        sentinel_password: Option<String>,
+        /// The Redis nodes' password.
+        password: Option<String>,
+        /// The database number.
+        db: u32,
+    },
+    /// A Redis Cluster (REDIS_CLUSTER_NODES).
+    Cluster {
+        /// Seed nodes, host:port.
+        nodes: Vec<String>,
+        /// The nodes' password.
+        password: Option<String>,
+    },
+}
+
+/// How to reach Redis, already resolved from the REDIS_* settings.
 #[derive(Clone)]
 pub struct RedisConfig {
-    /// The connection URL. It may contain a password: log [`RedisConfig::redacted_url`] instead.
-    pub url: String,
+    /// The deployment and its addresses.
+    pub target: RedisTarget,
     /// Number of multiplexed connections; 0 means one per runtime worker thread.
     pub pool_size: usize,
     /// Connect and reply time limit.
@@ -131,24 +194,36 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// Serve even when Redis may evict lock keys (`--allow-evicting-redis`).
     pub allow_evicting: bool,
+    /// Replicas that must acknowledge each change (`WAIT`); 0 for none.
+    pub min_replica_acks: u32,
+    /// How long to wait for them.
+    pub replica_ack_timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &self.redacted_url())
+            .field("target", &self.describe())
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
             .field("key_prefix", &self.key_prefix)
             .field("allow_evicting", &self.allow_evicting)
+            .field("min_replica_acks", &self.min_replica_acks)
+            .field("replica_ack_timeout", &self.replica_ack_timeout)
             .finish()
     }
 }
 
 impl RedisConfig {
-    /// The URL with any password replaced by `***`, safe to log.
-    pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
+    /// The deployment and its addresses, without passwords: safe to log.
+    pub fn describe(&self) -> String {
+        match &self.target {
+            RedisTarget::Single { url } => redact_url(url),
+            RedisTarget::Sentinel {
+                sentinels, master, ..
+            } => format!("sentinel master `{master}` via {}", sentinels.join(",")),
+            RedisTarget::Cluster { nodes, .. } => format!("cluster via {}", nodes.join(",")),
+        }
     }
 }
 
@@ -228,6 +303,7 @@ impl Config {
                 "must be at most 1h",
             );
         }
+        self.validate_redis_mode()?;
         if self.key_prefix.is_empty()
             || self.key_prefix.contains(['{', '}'])
             || self.key_prefix.chars().any(char::is_control)
@@ -241,25 +317,109 @@ impl Config {
         Ok(())
     }
 
+    /// Refuses more than one Redis mode, an incomplete one, and replica acknowledgements that
+    /// cannot work.
+    fn validate_redis_mode(&self) -> Result<(), String> {
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
+        let single = set(&self.redis_url) || set(&self.redis_host);
+        let sentinel = !self.redis_sentinels.is_empty() || set(&self.redis_sentinel_master);
+        let cluster = !self.redis_cluster_nodes.is_empty();
+        let modes = [
+            (single, "REDIS_URL/REDIS_HOST"),
+            (sentinel, "REDIS_SENTINELS/REDIS_SENTINEL_MASTER"),
+            (cluster, "REDIS_CLUSTER_NODES"),
+        ];
+        let chosen: Vec<&str> = modes.iter().filter(|m| m.0).map(|m| m.1).collect();
+        if chosen.len() > 1 {
+            return Err(format!(
+                "Redis mode: set only one of REDIS_URL/REDIS_HOST (one Redis), REDIS_SENTINELS \
+                 with REDIS_SENTINEL_MASTER (Sentinel), or REDIS_CLUSTER_NODES (Cluster); got {}",
+                chosen.join(" and ")
+            ));
+        }
+        if sentinel && (self.redis_sentinels.is_empty() || !set(&self.redis_sentinel_master)) {
+            return Err(
+                "REDIS_SENTINELS (--redis-sentinels) and REDIS_SENTINEL_MASTER \
+                 (--redis-sentinel-master): Sentinel mode needs both"
+                    .into(),
+            );
+        }
+        for (setting, list) in [
+            ("REDIS_SENTINELS (--redis-sentinels)", &self.redis_sentinels),
+            (
+                "REDIS_CLUSTER_NODES (--redis-cluster-nodes)",
+                &self.redis_cluster_nodes,
+            ),
+        ] {
+            if let Some(bad) = list.iter().find(|a| parse_host_port(a).is_none()) {
+                return Err(format!(
+                    "{setting}: `{bad}` is not host:port (a comma-separated list of them)"
+                ));
+            }
+        }
+        if self.min_replica_acks > 0 {
+            if chosen.is_empty() {
+                return Err(
+                    "LOCKD_MIN_REPLICA_ACKS (--min-replica-acks): needs Redis; the \
+                     embedded in-memory backend has no replicas"
+                        .into(),
+                );
+            }
+            if self.replica_ack_timeout < Duration::from_millis(1)
+                || self.replica_ack_timeout >= self.redis_timeout
+            {
+                return Err(format!(
+                    "LOCKD_REPLICA_ACK_TIMEOUT (--replica-ack-timeout): must be at least 1ms and \
+                     less than LOCKD_REDIS_TIMEOUT ({}ms), got {}ms",
+                    self.redis_timeout.as_millis(),
+                    self.replica_ack_timeout.as_millis()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The Redis settings, or `None` when no Redis is configured (embedded backend).
     pub fn redis(&self) -> Option<RedisConfig> {
-        let url = match (&self.redis_url, &self.redis_host) {
-            (Some(url), _) if !url.is_empty() => url.clone(),
-            (_, Some(host)) if !host.is_empty() => {
-                let auth = match &self.redis_password {
-                    Some(p) if !p.is_empty() => format!(":{}@", percent_encode(p)),
-                    _ => String::new(),
-                };
-                format!("redis://{auth}{host}:{}/{}", self.redis_port, self.redis_db)
+        let password = self.redis_password.clone().filter(|p| !p.is_empty());
+        let target = if !self.redis_cluster_nodes.is_empty() {
+            RedisTarget::Cluster {
+                nodes: self.redis_cluster_nodes.clone(),
+                password,
             }
-            _ => return None,
+        } else if !self.redis_sentinels.is_empty() {
+            RedisTarget::Sentinel {
+                sentinels: self.redis_sentinels.clone(),
+                master: self.redis_sentinel_master.clone().unwrap_or_default(),
+                sentinel_password: self
+                    .redis_sentinel_password
+                    .clone()
+                    .filter(|p| !p.is_empty()),
+                password,
+                db: self.redis_db,
+            }
+        } else {
+            let url = match (&self.redis_url, &self.redis_host) {
+                (Some(url), _) if !url.is_empty() => url.clone(),
+                (_, Some(host)) if !host.is_empty() => {
+                    let auth = match &password {
+                        Some(p) => format!(":{}@", percent_encode(p)),
+                        None => String::new(),
+                    };
+                    format!("redis://{auth}{host}:{}/{}", self.redis_port, self.redis_db)
+                }
+                _ => return None,
+            };
+            RedisTarget::Single { url }
         };
         Some(RedisConfig {
-            url,
+            target,
             pool_size: self.redis_pool_size as usize,
             timeout: self.redis_timeout,
             key_prefix: self.key_prefix.clone(),
             allow_evicting: self.allow_evicting_redis,
+            min_replica_acks: self.min_replica_acks,
+            replica_ack_timeout: self.replica_ack_timeout,
         })
     }
 
@@ -295,8 +455,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Splits `host:port` (the host may be a bracketed IPv6 address), or `None` when it is not one.
+pub fn parse_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.trim().rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_owned(), port.parse().ok()?))
+}
+
 /// Encodes a password for the userinfo part of a URL.
-fn percent_encode(s: &str) -> String {
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -408,6 +578,66 @@ mod tests {
     }
 
     #[test]
+    fn two_redis_modes_at_once_are_refused_naming_both() {
+        let err =
+            validated(&["--redis-url", "redis://h:1", "--redis-cluster-nodes", "h:2"]).unwrap_err();
+        assert!(
+            err.contains("REDIS_URL") && err.contains("REDIS_CLUSTER_NODES"),
+            "{err}"
+        );
+        let err = validated(&[
+            "--redis-sentinels",
+            "h:1",
+            "--redis-sentinel-master",
+            "m",
+            "--redis-cluster-nodes",
+            "h:2",
+        ])
+        .unwrap_err();
+        assert!(err.contains("REDIS_SENTINELS"), "{err}");
+    }
+
+    #[test]
+    fn an_incomplete_sentinel_setting_is_refused() {
+        let err = validated(&["--redis-sentinels", "h:1"]).unwrap_err();
+        assert!(err.contains("REDIS_SENTINEL_MASTER"), "{err}");
+        let err = validated(&["--redis-sentinel-master", "m"]).unwrap_err();
+        assert!(err.contains("needs both"), "{err}");
+        let err = validated(&[
+            "--redis-sentinels",
+            "h1,h:2",
+            "--redis-sentinel-master",
+            "m",
+        ])
+        .unwrap_err();
+        assert!(err.contains("`h1` is not host:port"), "{err}");
+        assert_eq!(
+            validated(&[
+                "--redis-sentinels",
+                "h:1,[::1]:2",
+                "--redis-sentinel-master",
+                "m"
+            ]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn replica_acks_need_redis_and_a_timeout_below_the_redis_timeout() {
+        let err = validated(&["--min-replica-acks", "1"]).unwrap_err();
+        assert!(err.contains("LOCKD_MIN_REPLICA_ACKS"), "{err}");
+        let redis = ["--redis-url", "redis://h:1", "--min-replica-acks", "1"];
+        let mut slow = redis.to_vec();
+        slow.extend(["--replica-ack-timeout", "2s", "--redis-timeout", "2s"]);
+        assert!(
+            validated(&slow)
+                .unwrap_err()
+                .contains("LOCKD_REPLICA_ACK_TIMEOUT")
+        );
+        assert_eq!(validated(&redis), Ok(()));
+    }
+
+    #[test]
     fn redacted_url_hides_the_password() {
         assert_eq!(redact_url("redis://:s3cret@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact_url("redis://u:p@h:1"), "redis://u:***@h:1");
@@ -426,7 +656,12 @@ mod tests {
             "p@ss word",
         ]);
         let redis = cfg.redis().expect("redis configured");
-        assert_eq!(redis.url, "redis://:p%40ss%20word@db:6380/0");
+        assert!(
+            redis.target
+                == RedisTarget::Single {
+                    url: "redis://:p%40ss%20word@db:6380/0".into()
+                }
+        );
         assert!(!format!("{redis:?}").contains("p%40ss"));
     }
 }

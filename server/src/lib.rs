@@ -82,7 +82,7 @@ pub async fn serve(
             serve_backend(backend, hub, config, listener, signal).await
         }
         Some(redis) => {
-            tracing::info!(url = %redis.redacted_url(), prefix = %redis.key_prefix, "using Redis");
+            tracing::info!(redis = %redis.describe(), prefix = %redis.key_prefix, "using Redis");
             let backend = RedisBackend::start(
                 &redis,
                 hub.waiters.clone(),

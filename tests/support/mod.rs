@@ -5,8 +5,9 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -33,7 +34,8 @@ pub fn free_port() -> u16 {
     }
 }
 
-fn scratch_dir(what: &str) -> PathBuf {
+/// A fresh directory for one test's files, under the system's temporary directory.
+pub fn scratch_dir(what: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "lockd-test-{}-{what}-{}",
@@ -75,6 +77,32 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill -{sig} {pid} failed");
 }
 
+/// The binary `name` of the workspace package `package` (such as `lockctl`), built once per
+/// test run by the same cargo, into the same target directory and profile as `lockd`: cargo
+/// sets `CARGO_BIN_EXE_*` only for this package's own binaries.
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let dir = Path::new(env!("CARGO_BIN_EXE_lockd")).parent().unwrap();
+    let binary = dir.join(name);
+    // One build at a time, and each package once: concurrent tests wait for the first build.
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|p| p == package) {
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "--quiet", "-p", package]);
+        if dir.file_name().is_some_and(|profile| profile == "release") {
+            build.arg("--release");
+        }
+        let ok = build.status().is_ok_and(|status| status.success());
+        assert!(
+            ok && binary.exists(),
+            "could not build {}; run `cargo build -p {package}`",
+            binary.display()
+        );
+        built.push(package.to_owned());
+    }
+    binary
+}
+
 /// A real redis-server on a free port.
 pub struct RedisServer {
     pub port: u16,
@@ -83,6 +111,8 @@ pub struct RedisServer {
     /// Started by [`RedisServer::start_durable`]: every write is in the append-only file,
     /// fsynced, before Redis replies.
     durable: bool,
+    /// More redis-server arguments (replication, cluster mode).
+    args: Vec<String>,
 }
 
 impl RedisServer {
@@ -91,6 +121,25 @@ impl RedisServer {
         let mut server = Self {
             port: free_port(),
             dir: scratch_dir("redis"),
+            child: None,
+            durable: false,
+            args: Vec::new(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// A redis-server with more arguments; `{dir}` in them stands for its own directory.
+    pub async fn start_with_args(args: &[&str]) -> Self {
+        require("redis-server", "sudo apt-get install -y redis-server");
+        let dir = scratch_dir("redis-node");
+        let mut server = Self {
+            port: free_port(),
+            args: args
+                .iter()
+                .map(|a| a.replace("{dir}", &dir.to_string_lossy()))
+                .collect(),
+            dir,
             child: None,
             durable: false,
         };
@@ -109,6 +158,7 @@ impl RedisServer {
             dir: scratch_dir("redis-aof"),
             child: None,
             durable: true,
+            args: Vec::new(),
         };
         server.spawn().await;
         server
@@ -125,6 +175,7 @@ impl RedisServer {
             .args(["--save", ""])
             .args(persistence)
             .args(["--daemonize", "no"])
+            .args(&self.args)
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -234,6 +285,11 @@ impl Drop for RedisServer {
 pub enum Store {
     Memory,
     Redis,
+    /// The test binary's shared Sentinel group (see [`shared_sentinel`]), under a key prefix
+    /// of the test's own.
+    Sentinel,
+    /// The test binary's shared 3-master cluster (see [`shared_cluster`]), likewise.
+    Cluster,
 }
 
 /// A real `lockd` process (the binary cargo built for this test target).
@@ -359,6 +415,11 @@ impl Drop for Lockd {
 pub struct Setup {
     pub redis: Option<RedisServer>,
     pub lockd: Lockd,
+    pub store: Store,
+    /// The key prefix of this test on a shared Sentinel group or cluster.
+    pub prefix: Option<String>,
+    /// The settings lockd was started with, for [`Setup::another_lockd`].
+    env: Vec<(String, String)>,
 }
 
 impl Setup {
@@ -368,11 +429,85 @@ impl Setup {
 
     pub async fn with_env(store: Store, env: &[(&str, &str)]) -> Self {
         let redis = match store {
-            Store::Memory => None,
             Store::Redis => Some(RedisServer::start().await),
+            _ => None,
         };
-        let lockd = Lockd::start_with(redis.as_ref(), env).await;
-        Self { redis, lockd }
+        let mut all: Vec<(String, String)> = match store {
+            Store::Memory | Store::Redis => Vec::new(),
+            Store::Sentinel => shared_sentinel().await.env(),
+            Store::Cluster => shared_cluster().await.env(),
+        };
+        let mut prefix = None;
+        if matches!(store, Store::Sentinel | Store::Cluster) {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = format!("t{}", N.fetch_add(1, Ordering::Relaxed));
+            all.push(("LOCKD_KEY_PREFIX".into(), p.clone()));
+            prefix = Some(p);
+        }
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let pairs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let lockd = Lockd::start_with(redis.as_ref(), &pairs).await;
+        Self {
+            redis,
+            lockd,
+            store,
+            prefix,
+            env: all,
+        }
+    }
+
+    /// Another lockd replica on the same store and key prefix (not for the embedded store,
+    /// whose locks live in one process).
+    pub async fn another_lockd(&self) -> Lockd {
+        assert_ne!(self.store, Store::Memory, "memory lockds share nothing");
+        let pairs: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Lockd::start_with(self.redis.as_ref(), &pairs).await
+    }
+
+    /// On a shared Sentinel group or cluster, deletes this test's keys, so that many keys left
+    /// with long TTLs do not slow Redis's expiry of other tests' keys.
+    pub async fn remove_keys(&self) {
+        let Some(prefix) = &self.prefix else { return };
+        let masters = match self.store {
+            Store::Sentinel => vec![shared_sentinel().await.master_port().await],
+            Store::Cluster => shared_cluster().await.master_ports().await,
+            _ => return,
+        };
+        for port in masters {
+            let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}:*"))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                let mut unlink = redis::pipe();
+                for key in &keys {
+                    // One key per command: a cluster refuses multi-key calls across slots.
+                    unlink.cmd("UNLINK").arg(key).ignore();
+                }
+                if !keys.is_empty() {
+                    let () = unlink.query_async(&mut c).await.unwrap();
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
     }
 
     pub async fn client(&self) -> Client {
@@ -397,6 +532,56 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name($crate::support::Store::Redis).await }
+            )*
+        }
+    };
+}
+
+/// Tests of several lockd replicas on one store: on a single Redis, a Sentinel group and a
+/// cluster.
+#[macro_export]
+macro_rules! replicas {
+    ($(async fn $name:ident($store:ident: Store) $body:block)*) => {
+        $(
+            async fn $name($store: $crate::support::Store) $body
+        )*
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Redis).await }
+            )*
+        }
+        mod sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Sentinel).await }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Cluster).await }
+            )*
+        }
+    };
+}
+
+/// Like [`conformance!`], and also on a Redis Sentinel group and a Redis Cluster (shared by
+/// the test binary, one key prefix per test).
+#[macro_export]
+macro_rules! conformance_ha {
+    ($(async fn $name:ident($store:ident: Store) $body:block)*) => {
+        $crate::conformance! { $(async fn $name($store: Store) $body)* }
+        mod sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Sentinel).await }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::support::Store::Cluster).await }
             )*
         }
     };
@@ -525,4 +710,342 @@ pub async fn health_becomes(
         );
         sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Kills `pids` when this test process exits, even when it exits without running destructors
+/// (shared topologies live in statics, which are never dropped).
+fn reap_on_exit(pids: &[u32]) {
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    let script = format!(
+        "while kill -0 {} 2>/dev/null; do sleep 0.5; done; kill -9 {} 2>/dev/null",
+        std::process::id(),
+        pids.join(" ")
+    );
+    // Never waited for: it outlives this process on purpose.
+    #[allow(clippy::zombie_processes)]
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+}
+
+/// Waits until `check` holds, or fails the test after `limit` saying `what`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs a command on the Redis (or sentinel) at `port`.
+pub async fn redis_cmd<T: redis::FromRedisValue>(
+    port: u16,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_multiplexed_async_connection()
+        .await?;
+    cmd.query_async(&mut c).await
+}
+
+/// Redis Sentinel: a master, a replica and three sentinels on loopback, as in
+/// `../shared/notes/stack.md`.
+pub struct SentinelGroup {
+    pub name: String,
+    /// The data nodes: the first started as master, the second as its replica.
+    pub nodes: Vec<RedisServer>,
+    pub sentinel_ports: Vec<u16>,
+    sentinels: Vec<Child>,
+}
+
+impl SentinelGroup {
+    pub async fn start() -> Self {
+        require("redis-sentinel", "sudo apt-get install -y redis-sentinel");
+        let fast_sync = ["--repl-diskless-sync-delay", "0"];
+        let master = RedisServer::start_with_args(&fast_sync).await;
+        let m = master.port.to_string();
+        let replica = RedisServer::start_with_args(&[
+            "--repl-diskless-sync-delay",
+            "0",
+            "--replicaof",
+            "127.0.0.1",
+            &m,
+        ])
+        .await;
+        eventually(Duration::from_secs(20), "the replica syncs", || async {
+            let info: String = redis_cmd(replica.port, redis::cmd("INFO").arg("replication"))
+                .await
+                .unwrap_or_default();
+            info.contains("master_link_status:up")
+        })
+        .await;
+        let name = "lockd-test".to_owned();
+        let mut sentinels = Vec::new();
+        let mut sentinel_ports = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let dir = scratch_dir("sentinel");
+            let conf = dir.join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                     sentinel monitor {name} 127.0.0.1 {m} 2\n\
+                     sentinel down-after-milliseconds {name} 1000\n\
+                     sentinel failover-timeout {name} 3000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-sentinel")
+                .arg(&conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-sentinel");
+            sentinels.push(child);
+            sentinel_ports.push(port);
+        }
+        let group = Self {
+            name,
+            nodes: vec![master, replica],
+            sentinel_ports,
+            sentinels,
+        };
+        for &port in &group.sentinel_ports {
+            let name = group.name.clone();
+            eventually(
+                Duration::from_secs(30),
+                "the sentinels see each other and the replica",
+                || {
+                    let name = name.clone();
+                    async move {
+                        let fields: Vec<String> =
+                            redis_cmd(port, redis::cmd("SENTINEL").arg("MASTER").arg(&name))
+                                .await
+                                .unwrap_or_default();
+                        let field = |k: &str| {
+                            fields
+                                .iter()
+                                .position(|f| f == k)
+                                .and_then(|i| fields.get(i + 1))
+                                .cloned()
+                                .unwrap_or_default()
+                        };
+                        field("num-other-sentinels") == "2" && field("num-slaves") == "1"
+                    }
+                },
+            )
+            .await;
+        }
+        group
+    }
+
+    /// The settings that point lockd at this group.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let sentinels: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        vec![
+            ("REDIS_SENTINELS".into(), sentinels.join(",")),
+            ("REDIS_SENTINEL_MASTER".into(), self.name.clone()),
+        ]
+    }
+
+    /// The master's port, as the first sentinel that answers names it.
+    pub async fn master_port(&self) -> u16 {
+        for &port in &self.sentinel_ports {
+            let addr: redis::RedisResult<(String, u16)> = redis_cmd(
+                port,
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.name),
+            )
+            .await;
+            if let Ok((_, p)) = addr {
+                return p;
+            }
+        }
+        panic!("no sentinel names a master");
+    }
+
+    /// `SENTINEL FAILOVER` through the first sentinel; returns the old and new master ports
+    /// once a sentinel names the new one.
+    pub async fn failover(&self) -> (u16, u16) {
+        let old = self.master_port().await;
+        let _: String = redis_cmd(
+            self.sentinel_ports[0],
+            redis::cmd("SENTINEL").arg("FAILOVER").arg(&self.name),
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let new = loop {
+            let now = self.master_port().await;
+            if now != old {
+                break now;
+            }
+            assert!(Instant::now() < deadline, "Sentinel named no new master");
+            sleep(Duration::from_millis(50)).await;
+        };
+        (old, new)
+    }
+
+    /// The data node on `port`.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes.iter().find(|n| n.port == port).unwrap()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.nodes.iter().map(RedisServer::pid).collect();
+        pids.extend(self.sentinels.iter().map(Child::id));
+        pids
+    }
+}
+
+impl Drop for SentinelGroup {
+    fn drop(&mut self) {
+        for s in &mut self.sentinels {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+/// A Redis Cluster on loopback: `masters` masters, each with `replicas` replicas.
+pub struct Cluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    pub async fn start(masters: usize, replicas: usize) -> Self {
+        require("redis-cli", "sudo apt-get install -y redis-tools");
+        let mut nodes = Vec::new();
+        for _ in 0..masters * (1 + replicas) {
+            nodes.push(
+                RedisServer::start_with_args(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "{dir}/nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ])
+                .await,
+            );
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Self { nodes };
+        for n in &cluster.nodes {
+            let port = n.port;
+            eventually(
+                Duration::from_secs(30),
+                "the cluster is ok on every node",
+                || async move {
+                    let info: String = redis_cmd(port, redis::cmd("CLUSTER").arg("INFO"))
+                        .await
+                        .unwrap_or_default();
+                    info.contains("cluster_state:ok")
+                },
+            )
+            .await;
+        }
+        if replicas > 0 {
+            for n in &cluster.nodes {
+                let port = n.port;
+                eventually(
+                    Duration::from_secs(30),
+                    "every replica syncs",
+                    || async move {
+                        let info: String = redis_cmd(port, redis::cmd("INFO").arg("replication"))
+                            .await
+                            .unwrap_or_default();
+                        info.contains("role:master") || info.contains("master_link_status:up")
+                    },
+                )
+                .await;
+            }
+        }
+        cluster
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        vec![("REDIS_CLUSTER_NODES".into(), seeds.join(","))]
+    }
+
+    /// The ports of the nodes that are masters now.
+    pub async fn master_ports(&self) -> Vec<u16> {
+        let mut masters = Vec::new();
+        for n in &self.nodes {
+            let role: redis::RedisResult<Vec<redis::Value>> =
+                redis_cmd(n.port, &redis::cmd("ROLE")).await;
+            if let Ok(role) = role
+                && matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master")
+            {
+                masters.push(n.port);
+            }
+        }
+        masters
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(RedisServer::pid).collect()
+    }
+}
+
+/// The test binary's Sentinel group, started on first use.
+pub async fn shared_sentinel() -> &'static SentinelGroup {
+    static GROUP: tokio::sync::OnceCell<SentinelGroup> = tokio::sync::OnceCell::const_new();
+    GROUP
+        .get_or_init(|| async {
+            let g = SentinelGroup::start().await;
+            reap_on_exit(&g.pids());
+            g
+        })
+        .await
+}
+
+/// The test binary's 3-master cluster (no replicas), started on first use.
+pub async fn shared_cluster() -> &'static Cluster {
+    static CLUSTER: tokio::sync::OnceCell<Cluster> = tokio::sync::OnceCell::const_new();
+    CLUSTER
+        .get_or_init(|| async {
+            let c = Cluster::start(3, 0).await;
+            reap_on_exit(&c.pids());
+            c
+        })
+        .await
 }

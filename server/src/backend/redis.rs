@@ -10,29 +10,34 @@
 //! not contain `{` or `}`, or Redis Cluster would hash some other part of the key. Channels: `<prefix>:released` (wake-ups) and
 //! `<prefix>:events` (for Watch), plus Redis keyspace notifications for expirations.
 //!
-//! Connections: deadpool-redis creates them (with connect, reply and pool timeouts), and the
-//! backend keeps a few multiplexed connections that every request shares. A per-request pool
-//! checkout would cost a `PING` round trip each time; a multiplexed connection pipelines
-//! concurrent requests on its own. A connection that fails is dropped and replaced on next use,
-//! so lockd recovers by itself when Redis comes back.
+//! Connections: the backend keeps a few multiplexed connections that every request shares. A
+//! per-request pool checkout would cost a `PING` round trip each time; a multiplexed
+//! connection pipelines concurrent requests on its own. A connection that fails is dropped and
+//! replaced on next use, so lockd recovers by itself when Redis comes back. Where connections
+//! lead (one Redis, Sentinel's master, a Cluster) is [`topology`]'s business.
+//!
+//! Replica acknowledgements (`--min-replica-acks N`): after each script that changed a lock,
+//! `WAIT N timeout` on the same connection. A grant that too few replicas acknowledged is
+//! undone and answered `UNAVAILABLE`, since a failover could lose it.
 
 mod reply;
 mod scripts;
+mod sentinel;
 mod subscriber;
+mod topology;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, AsyncConnectionConfig, RedisError, Value};
-use deadpool_redis::{Manager, Pool, Runtime};
 use tokio_util::sync::CancellationToken;
 
 use self::reply::{AcquireReply, ExtendReply, ReleaseReply, decode_inspect};
 use self::scripts::Scripts;
 use self::subscriber::Subscriber;
+use self::topology::{Conn, Topology};
 use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page, mismatch};
 use crate::config::RedisConfig;
 use crate::error::{Error, Result};
@@ -43,12 +48,20 @@ use crate::lock::{
 };
 use crate::locks::waiters::Waiters;
 
+/// A shared connection and the Sentinel epoch it was opened in.
+type Shared = (Conn, u64);
+
 /// Locks in Redis. Shared behind an `Arc`.
 pub struct RedisBackend {
-    /// Creates connections, with explicit timeouts.
-    pool: Pool,
-    /// The shared multiplexed connections; `None` until first use or after a failure.
-    conns: Box<[Mutex<Option<MultiplexedConnection>>]>,
+    /// Where connections lead.
+    topology: Topology,
+    /// Connect and reply time limits of new connections.
+    conn_config: AsyncConnectionConfig,
+    /// Time limit for opening a connection, checks included.
+    timeout: Duration,
+    /// The shared connections, each with the Sentinel epoch it was opened in (see
+    /// [`Topology::current`]); `None` until first use or after a failure.
+    conns: Box<[Mutex<Option<Shared>>]>,
     /// One per slot, held while that slot connects, so a burst of requests (at start, or when
     /// Redis comes back) opens one connection per slot, not one per request.
     connecting: Box<[tokio::sync::Mutex<()>]>,
@@ -70,6 +83,10 @@ pub struct RedisBackend {
     /// Set while `policy` is [`Policy::Refused`]: lock calls then fail at once. An atomic, since
     /// every call reads it.
     refusing: AtomicBool,
+    /// Replicas that must acknowledge each change; 0 for none.
+    min_replica_acks: u32,
+    /// How long a change waits for them.
+    replica_ack_timeout: Duration,
 }
 
 /// What lockd knows of Redis's `maxmemory-policy`. Any policy but `noeviction` lets Redis evict
@@ -86,6 +103,19 @@ enum Policy {
     Refused(String),
     /// Redis refused `CONFIG GET` (as managed services do), with this error.
     Unverified(String),
+}
+
+impl Policy {
+    /// How bad a verdict is, to keep the worst of several masters'.
+    fn severity(&self) -> u8 {
+        match self {
+            Self::Safe => 0,
+            Self::Unknown => 1,
+            Self::Allowed(_) => 2,
+            Self::Unverified(_) => 3,
+            Self::Refused(_) => 4,
+        }
+    }
 }
 
 /// The explanation of a refused `maxmemory-policy`, naming the fix.
@@ -115,8 +145,18 @@ impl std::fmt::Debug for RedisBackend {
 /// The counter then costs memory for this long after a resource was last used.
 pub const FENCE_GRACE: Duration = Duration::from_secs(10);
 
+/// Whether the connection that gave `e` should be dropped: it failed, or its node is no longer
+/// a master (a replica refuses writes with `READONLY`; `MASTERDOWN` while it lost its master).
 fn is_connection_failure(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+    use redis::{ErrorKind, ServerErrorKind};
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+        )
 }
 
 fn ms(d: Duration) -> u64 {
@@ -207,16 +247,15 @@ impl RedisBackend {
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(timeout)
             .set_response_timeout(timeout);
-        let pool = Pool::builder(Manager::new_with_config(config.url.as_str(), conn_config)?)
-            .max_size(pool_size)
-            .wait_timeout(timeout)
-            .create_timeout(timeout)
-            .recycle_timeout(timeout)
-            .runtime(Runtime::Tokio1)
-            .build()?;
-        let client = redis::Client::open(config.url.as_str())?;
+        let topology = Topology::new(config)?;
+        let sentinel = match &topology {
+            Topology::Sentinel(s) => Some(s.clone()),
+            _ => None,
+        };
         let backend = Arc::new(Self {
-            pool,
+            topology,
+            conn_config,
+            timeout: config.timeout,
             conns: (0..pool_size).map(|_| Mutex::new(None)).collect(),
             connecting: (0..pool_size)
                 .map(|_| tokio::sync::Mutex::new(()))
@@ -230,8 +269,14 @@ impl RedisBackend {
             allow_evicting: config.allow_evicting,
             policy: Mutex::new(Policy::Unknown),
             refusing: AtomicBool::new(false),
+            min_replica_acks: config.min_replica_acks,
+            replica_ack_timeout: config.replica_ack_timeout,
         });
-        let subscriber = Subscriber::new(backend.clone(), client, waiters, events, config.timeout);
+        if let Some(sentinel) = sentinel {
+            let b = backend.clone();
+            tokio::spawn(sentinel.follow(move || b.forget_all(), shutdown.clone()));
+        }
+        let subscriber = Subscriber::new(backend.clone(), waiters, events, config.timeout);
         tokio::spawn(subscriber.run(shutdown));
         Ok(backend)
     }
@@ -269,24 +314,31 @@ impl RedisBackend {
         }
     }
 
-    /// Reads `maxmemory-policy` on `conn` and records the verdict. Fails only when the
-    /// connection does.
-    async fn check_policy(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
-        let reply: Result<HashMap<String, String>, RedisError> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
-            .query_async(conn)
-            .await;
-        let verdict = match reply {
-            Err(e) if is_connection_failure(&e) => return Err(e),
-            Err(e) => Policy::Unverified(e.to_string()),
-            Ok(config) => match config.get("maxmemory-policy") {
-                Some(p) if p == "noeviction" => Policy::Safe,
-                Some(p) if self.allow_evicting => Policy::Allowed(p.clone()),
-                Some(p) => Policy::Refused(eviction_refusal(p)),
-                None => Policy::Unverified("CONFIG GET maxmemory-policy answered nothing".into()),
-            },
-        };
+    /// Reads `maxmemory-policy` through `conn` (on every master of a cluster) and records
+    /// the verdict: the worst one found. Fails only when the connection does.
+    async fn check_policy(&self, conn: &mut Conn) -> Result<()> {
+        let mut verdict = Policy::Safe;
+        for node in self.topology.masters(conn).await? {
+            let mut get = redis::cmd("CONFIG");
+            get.arg("GET").arg("maxmemory-policy");
+            let reply: Result<HashMap<String, String>, RedisError> =
+                conn.on_node(node.as_ref(), get).await;
+            let found = match reply {
+                Err(e) if is_connection_failure(&e) => return Err(e.into()),
+                Err(e) => Policy::Unverified(e.to_string()),
+                Ok(config) => match config.get("maxmemory-policy") {
+                    Some(p) if p == "noeviction" => Policy::Safe,
+                    Some(p) if self.allow_evicting => Policy::Allowed(p.clone()),
+                    Some(p) => Policy::Refused(eviction_refusal(p)),
+                    None => {
+                        Policy::Unverified("CONFIG GET maxmemory-policy answered nothing".into())
+                    }
+                },
+            };
+            if found.severity() > verdict.severity() {
+                verdict = found;
+            }
+        }
         let mut policy = self.policy.lock().unwrap_or_else(PoisonError::into_inner);
         if *policy == verdict {
             return Ok(());
@@ -323,7 +375,7 @@ impl RedisBackend {
 
     /// One of the shared connections, connecting it first if needed; refused while Redis may
     /// evict lock keys.
-    async fn conn(&self) -> Result<MultiplexedConnection> {
+    async fn conn(&self) -> Result<(Conn, u64)> {
         let conn = self.any_conn().await?;
         if self.refusing.load(Ordering::Relaxed) {
             return Err(self.refusal());
@@ -331,67 +383,193 @@ impl RedisBackend {
         Ok(conn)
     }
 
-    /// One of the shared connections, connecting it first if needed. Each new connection
-    /// checks Redis's `maxmemory-policy` first, since Redis may have been replaced.
-    async fn any_conn(&self) -> Result<MultiplexedConnection> {
+    /// One of the shared connections and its Sentinel epoch, connecting it first if needed (or
+    /// when Sentinel switched masters since it was opened). Each new connection checks Redis's
+    /// `maxmemory-policy` first, since Redis may have been replaced.
+    async fn any_conn(&self) -> Result<(Conn, u64)> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         let slot = &self.conns[i];
-        if let Some(c) = slot.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+        let usable = || {
+            slot.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+                .filter(|(_, epoch)| self.topology.current(*epoch))
+        };
+        if let Some(c) = usable() {
             return Ok(c);
         }
         let _connecting = self.connecting[i].lock().await;
         // Another request may have connected the slot while this one waited.
-        if let Some(c) = slot.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+        if let Some(c) = usable() {
             return Ok(c);
         }
         // Boxed: connecting is rare, and its future would otherwise enlarge every call's.
-        let mut c = deadpool_redis::Connection::take(Box::pin(self.pool.get()).await?);
-        Box::pin(self.check_policy(&mut c)).await?;
+        let connected = async {
+            let (mut c, epoch) = self.topology.connect(&self.conn_config).await?;
+            self.check_policy(&mut c).await?;
+            Ok::<_, Error>((c, epoch))
+        };
+        let c = match tokio::time::timeout(self.timeout, Box::pin(connected)).await {
+            Ok(c) => c?,
+            Err(_) => {
+                return Err(Error::Unavailable(format!(
+                    "cannot connect to {} within {:?}",
+                    self.topology.name(),
+                    self.timeout
+                )));
+            }
+        };
         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(c.clone());
         Ok(c)
     }
 
+    /// Forgets every shared connection, so that the next calls reconnect.
+    fn forget_all(&self) {
+        for slot in &*self.conns {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
     /// After a connection failure, forgets every shared connection: they all lead to the same
-    /// Redis, which most likely restarted or went away, so the next calls reconnect instead of
-    /// each finding its own dead connection.
+    /// Redis, which most likely restarted, went away or was demoted, so the next calls
+    /// reconnect instead of each finding its own dead connection.
     fn forget_on_failure<T>(&self, r: Result<T, RedisError>) -> Result<T, RedisError> {
         if let Err(e) = &r
             && is_connection_failure(e)
         {
-            for slot in &*self.conns {
-                *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
-            }
+            self.forget_all();
         }
         r
     }
 
+    /// Refuses a reply that came from a master Sentinel has replaced since the call started:
+    /// whatever it says will be lost with the old master's data.
+    fn unless_master_switched<T>(&self, epoch: u64, r: T) -> Result<T> {
+        if self.topology.current(epoch) {
+            Ok(r)
+        } else {
+            Err(Error::Unavailable(
+                "the Redis master was replaced (Sentinel failover) during this call; its \
+                 outcome on the old master will be lost: retry"
+                    .into(),
+            ))
+        }
+    }
+
     /// Runs a script invocation on a shared connection.
-    async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Value> {
-        let mut conn = self.conn().await?;
-        Ok(self.forget_on_failure(invocation.invoke_async(&mut conn).await)?)
+    async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<(Value, Conn)> {
+        let (mut conn, epoch) = self.conn().await?;
+        let v = self.forget_on_failure(invocation.invoke_async(&mut conn).await)?;
+        self.unless_master_switched(epoch, (v, conn))
     }
 
     /// Runs a script that may safely run twice (a read, or an acquire: its token finds the
     /// lease a first run may have granted). When its connection turns out dead (Redis
     /// restarted), it is retried once on a fresh connection instead of failing the caller.
     /// Not after a timeout: Redis may be slow, and a second wait would double the delay.
-    async fn run_idempotent(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Value> {
-        let mut conn = self.conn().await?;
+    async fn run_idempotent(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<(Value, Conn)> {
+        let (mut conn, epoch) = self.conn().await?;
         match self.forget_on_failure(invocation.invoke_async(&mut conn).await) {
             Err(e) if is_connection_failure(&e) && !e.is_timeout() => self.run(invocation).await,
-            r => Ok(r?),
+            r => self.unless_master_switched(epoch, (r?, conn)),
         }
     }
 
     /// Runs a plain command or pipeline on a shared connection.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Pipeline) -> Result<T> {
-        let mut conn = self.conn().await?;
+        let (mut conn, _) = self.conn().await?;
         Ok(self.forget_on_failure(cmd.query_async(&mut conn).await)?)
+    }
+
+    /// With `--min-replica-acks N`: waits until N replicas acknowledged the change just made
+    /// on `conn` to `resource`'s keys. `Ok(false)` when too few did in time.
+    async fn replicated(&self, conn: &mut Conn, resource: &str) -> Result<bool> {
+        if self.min_replica_acks == 0 {
+            return Ok(true);
+        }
+        let acks = conn
+            .wait_replicas(
+                &self.key(resource, ""),
+                self.min_replica_acks,
+                self.replica_ack_timeout,
+            )
+            .await;
+        Ok(self.forget_on_failure(acks)? >= self.min_replica_acks)
+    }
+
+    /// Undoes a grant that too few replicas acknowledged. If this fails too, the lease stays
+    /// until its TTL: nobody else gets it meanwhile, and the caller was told it failed.
+    async fn undo_grant(&self, p: &AcquireParams) {
+        let undo = ReleaseParams {
+            resource: p.resource.clone(),
+            token: p.token.clone(),
+            keep_until: None,
+            min_hold: Duration::ZERO,
+            max_ttl: p.ttl,
+            only_if_renewer: None,
+        };
+        let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
+        self.release_args(&mut inv, &undo);
+        if let Err(e) = self.run(&inv).await {
+            tracing::warn!(resource = %p.resource, error = %e, "cannot undo an unacknowledged \
+                grant; it stays until its TTL");
+        }
+    }
+
+    /// Checks that every master has at least `--min-replica-acks` connected replicas.
+    async fn check_replicas(&self, conn: &mut Conn) -> Result<()> {
+        for node in self.topology.masters(conn).await? {
+            let role: Vec<Value> = conn.on_node(node.as_ref(), redis::cmd("ROLE")).await?;
+            let replicas = match role.get(2) {
+                Some(Value::Array(r)) => r.len(),
+                _ => 0,
+            };
+            if replicas < self.min_replica_acks as usize {
+                return Err(Error::Unavailable(format!(
+                    "a Redis master has {replicas} connected replica(s); LOCKD_MIN_REPLICA_ACKS \
+                     asks for {}",
+                    self.min_replica_acks
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The error for a change that too few replicas acknowledged.
+    fn unreplicated(&self, what: &str) -> Error {
+        Error::Unavailable(format!(
+            "{what} not acknowledged by {} replica(s) within {:?} (LOCKD_MIN_REPLICA_ACKS); a \
+             failover could lose it",
+            self.min_replica_acks, self.replica_ack_timeout
+        ))
+    }
+
+    /// The keys (after the first) and arguments of release.lua for `p`.
+    fn release_args(&self, inv: &mut redis::ScriptInvocation<'_>, p: &ReleaseParams) {
+        inv.key(self.key(&p.resource, ":queue"))
+            .key(self.key(&p.resource, ":fence"))
+            .arg(p.token.expose())
+            .arg(&self.released_channel)
+            .arg(&self.events_channel)
+            .arg(&p.resource)
+            .arg(p.keep_until.unwrap_or(0))
+            .arg(ms(p.min_hold))
+            .arg(ms(p.max_ttl))
+            .arg(if p.only_if_renewer.is_some() {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(p.only_if_renewer.as_deref().unwrap_or(""))
+            .arg(ms(FENCE_GRACE));
     }
 
     async fn inspect_key(&self, resource: &str) -> Result<Option<Holders>> {
         let inv = self.scripts.inspect.key(self.key(resource, ""));
-        decode_inspect(self.run_idempotent(&inv).await?, resource)
+        decode_inspect(self.run_idempotent(&inv).await?.0, resource)
     }
 }
 
@@ -416,14 +594,27 @@ impl Backend for RedisBackend {
         for (name, value) in &p.labels {
             inv.arg(name).arg(value);
         }
-        match AcquireReply::decode(self.run_idempotent(&inv).await?, &p.resource)? {
-            AcquireReply::Granted { fencing_token, now } => Ok(AcquireOutcome::Acquired(Lease {
-                resource: p.resource.clone(),
-                token: p.token.clone(),
+        let (reply, mut conn) = self.run_idempotent(&inv).await?;
+        match AcquireReply::decode(reply, &p.resource)? {
+            AcquireReply::Granted {
                 fencing_token,
-                expires_at: now.saturating_add(millis(p.ttl)),
-                ttl: p.ttl,
-            })),
+                now,
+                new,
+            } => {
+                if !self.replicated(&mut conn, &p.resource).await? {
+                    if new {
+                        self.undo_grant(p).await;
+                    }
+                    return Err(self.unreplicated("the grant"));
+                }
+                Ok(AcquireOutcome::Acquired(Lease {
+                    resource: p.resource.clone(),
+                    token: p.token.clone(),
+                    fencing_token,
+                    expires_at: now.saturating_add(millis(p.ttl)),
+                    ttl: p.ttl,
+                }))
+            }
             AcquireReply::Busy { retry_in, holder } => {
                 Ok(AcquireOutcome::Busy(Busy { holder, retry_in }))
             }
@@ -433,24 +624,18 @@ impl Backend for RedisBackend {
 
     async fn release(&self, p: &ReleaseParams) -> Result<ReleaseOutcome> {
         let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
-        inv.key(self.key(&p.resource, ":queue"))
-            .key(self.key(&p.resource, ":fence"))
-            .arg(p.token.expose())
-            .arg(&self.released_channel)
-            .arg(&self.events_channel)
-            .arg(&p.resource)
-            .arg(p.keep_until.unwrap_or(0))
-            .arg(ms(p.min_hold))
-            .arg(ms(p.max_ttl))
-            .arg(if p.only_if_renewer.is_some() {
-                "1"
-            } else {
-                "0"
-            })
-            .arg(p.only_if_renewer.as_deref().unwrap_or(""))
-            .arg(ms(FENCE_GRACE));
-        let (status, frees_at) = match ReleaseReply::decode(self.run(&inv).await?)? {
-            ReleaseReply::Released { frees_at } => (LeaseStatus::Ok, Some(frees_at)),
+        self.release_args(&mut inv, p);
+        let (reply, mut conn) = self.run(&inv).await?;
+        let (status, frees_at) = match ReleaseReply::decode(reply)? {
+            ReleaseReply::Released { frees_at } => {
+                if !self.replicated(&mut conn, &p.resource).await? {
+                    return Err(self.unreplicated(
+                        "the release (it took effect on the master, but a failover may bring \
+                         the lease back until its TTL)",
+                    ));
+                }
+                (LeaseStatus::Ok, Some(frees_at))
+            }
             ReleaseReply::NotHeld => (LeaseStatus::NotHeld, None),
             ReleaseReply::HeldByOther => (LeaseStatus::HeldByOther, None),
         };
@@ -474,7 +659,18 @@ impl Backend for RedisBackend {
             status,
             lease: None,
         };
-        match ExtendReply::decode(self.run(&inv).await?)? {
+        let (reply, mut conn) = self.run(&inv).await?;
+        match ExtendReply::decode(reply)? {
+            ExtendReply::Extended {
+                fencing_token,
+                now,
+                ttl_ms,
+            } if !self.replicated(&mut conn, &p.resource).await? => {
+                let _ = (fencing_token, now, ttl_ms);
+                Err(self.unreplicated(
+                    "the extension (a failover may bring back the lease's earlier expiry)",
+                ))
+            }
             ExtendReply::Extended {
                 fencing_token,
                 now,
@@ -498,13 +694,16 @@ impl Backend for RedisBackend {
         self.inspect_key(resource).await
     }
 
+    /// Walks the masters one after the other (one on a single Redis), each with `SCAN`. The
+    /// page token is `<master index>:<cursor>` (the masters sorted by address), or the bare
+    /// cursor on a single Redis. A reshard or failover between pages may repeat or skip locks
+    /// that moved, as `SCAN` itself may.
     async fn list(&self, prefix: &str, page_size: usize, cursor: &str) -> Result<Page> {
-        let cursor: u64 = if cursor.is_empty() {
-            0
-        } else {
-            cursor
-                .parse()
-                .map_err(|_| Error::invalid("page_token", "is not a token returned by ListLocks"))?
+        let bad = || Error::invalid("page_token", "is not a token returned by ListLocks");
+        let (node, cursor): (usize, u64) = match cursor.split_once(':') {
+            _ if cursor.is_empty() => (0, 0),
+            Some((n, c)) => (n.parse().map_err(|_| bad())?, c.parse().map_err(|_| bad())?),
+            None => (0, cursor.parse().map_err(|_| bad())?),
         };
         // Tags are prefix-preserving: the tags of the names under `prefix` start with its tag.
         let pattern = format!(
@@ -512,14 +711,19 @@ impl Backend for RedisBackend {
             glob_escape(&self.prefix),
             glob_escape(&tag(prefix))
         );
-        let mut scan = redis::pipe();
-        scan.cmd("SCAN")
-            .arg(cursor)
+        let (mut conn, _) = self.conn().await?;
+        let masters = self.topology.masters(&mut conn).await?;
+        let Some(master) = masters.get(node) else {
+            return Err(bad());
+        };
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
             .arg(page_size);
-        let ((next, keys),): ((u64, Vec<String>),) = self.query(&scan).await?;
+        let scanned = conn.on_node(master.as_ref(), scan).await;
+        let (next, keys): (u64, Vec<String>) = self.forget_on_failure(scanned)?;
         let mut resources: Vec<String> = keys.iter().filter_map(|k| self.resource_of(k)).collect();
         // SCAN may repeat a key while Redis resizes its table; never within one page.
         resources.sort();
@@ -533,14 +737,13 @@ impl Backend for RedisBackend {
                 locks.extend(h.holders);
             }
         }
-        Ok(Page {
-            locks,
-            next: if next == 0 {
-                String::new()
-            } else {
-                next.to_string()
-            },
-        })
+        let next = match (next, node + 1 < masters.len()) {
+            (0, false) => String::new(),
+            (0, true) => format!("{}:0", node + 1),
+            (c, _) if masters.len() == 1 => c.to_string(),
+            (c, _) => format!("{node}:{c}"),
+        };
+        Ok(Page { locks, next })
     }
 
     async fn leave_queue(&self, resource: &str, waiter: &str) -> Result<()> {
@@ -553,19 +756,25 @@ impl Backend for RedisBackend {
     }
 
     /// Fails while Redis does not answer, while its `maxmemory-policy` may evict lock keys,
-    /// and while the wake-up subscription is down.
+    /// while the wake-up subscription is down, and while a master has fewer replicas than
+    /// `--min-replica-acks` asks for.
     async fn ping(&self) -> Result<()> {
-        let mut conn = self.any_conn().await?;
+        let (mut conn, _) = self.any_conn().await?;
         if self.refusing.load(Ordering::Relaxed) {
             // Look again, so a Redis whose policy was fixed is served without a restart.
-            let checked = self.check_policy(&mut conn).await;
-            self.forget_on_failure(checked)?;
+            if let Err(e) = self.check_policy(&mut conn).await {
+                self.forget_all();
+                return Err(e);
+            }
             if self.refusing.load(Ordering::Relaxed) {
                 return Err(self.refusal());
             }
         }
-        let pong = redis::cmd("PING").query_async::<String>(&mut conn).await;
+        let pong = redis::cmd("PING").query_async::<Value>(&mut conn).await;
         self.forget_on_failure(pong)?;
+        if self.min_replica_acks > 0 {
+            self.check_replicas(&mut conn).await?;
+        }
         let down = self
             .wakeups_down
             .lock()
@@ -580,7 +789,7 @@ impl Backend for RedisBackend {
     }
 
     fn name(&self) -> &'static str {
-        "redis"
+        self.topology.name()
     }
 }
 
@@ -589,16 +798,21 @@ mod tests {
     use super::subscriber::parse_event;
     use super::*;
     use crate::backend::checks;
+    use crate::config::RedisTarget;
     use crate::lock::EventKind;
 
     fn start_with_pool_size(pool_size: usize) -> Arc<RedisBackend> {
         let config = RedisConfig {
             // Never reached: starting does not connect.
-            url: "redis://127.0.0.1:1".into(),
+            target: RedisTarget::Single {
+                url: "redis://127.0.0.1:1".into(),
+            },
             pool_size,
             timeout: Duration::from_secs(1),
             key_prefix: "lockd".into(),
             allow_evicting: false,
+            min_replica_acks: 0,
+            replica_ack_timeout: Duration::from_millis(500),
         };
         let shutdown = CancellationToken::new();
         let backend =
@@ -649,11 +863,15 @@ mod tests {
 
         fn backend(&self) -> (Arc<RedisBackend>, CancellationToken) {
             let config = RedisConfig {
-                url: format!("redis://127.0.0.1:{}", self.port),
+                target: RedisTarget::Single {
+                    url: format!("redis://127.0.0.1:{}", self.port),
+                },
                 pool_size: 1,
                 timeout: Duration::from_secs(5),
                 key_prefix: "lockd".into(),
                 allow_evicting: false,
+                min_replica_acks: 0,
+                replica_ack_timeout: Duration::from_millis(500),
             };
             let shutdown = CancellationToken::new();
             let backend =

@@ -45,8 +45,10 @@
 -- A holder is described as: fencing token, acquired-at, remaining ms, owner, 2 x number of
 -- labels, then the label names and values.
 -- Returns, with now = Redis TIME in ms:
---   {GRANTED, fencing token, now}   granted; also when ARGV[1] already holds it, in which case
---                                   the TTL is refreshed and the fencing token kept
+--   {GRANTED, fencing token, now, new}
+--                                   granted (new = 1); also when ARGV[1] already holds it
+--                                   (new = 0), in which case the TTL is refreshed and the
+--                                   fencing token kept
 --   {BUSY, now, retry ms, [holder]} not granted: the ms until a retry may succeed (the first
 --                                   lease ends, or the fair queue's head goes stale), -1 if
 --                                   unknown, and the first holder when there is one
@@ -174,7 +176,7 @@ if limit == 1 then
       set_renewer('k')
       leave_queue()
       event('E', held[4], held[2], now + ttl)
-      return {GRANTED, tonumber(held[2]), now}
+      return {GRANTED, tonumber(held[2]), now, 0}
     end
     local remaining = redis.call('PTTL', KEYS[1])
     enqueue()
@@ -217,7 +219,7 @@ if limit == 1 then
   redis.call('PEXPIREAT', KEYS[2], now + ttl + grace)
   event('A', ARGV[3], fence_s, now + ttl)
   granted_from_queue()
-  return {GRANTED, fence, now}
+  return {GRANTED, fence, now, 1}
 end
 
 -- A semaphore.
@@ -241,7 +243,7 @@ if sem.mine and not lingering then
   leave_queue()
   local fence_s = sem.h['f:' .. token]
   event('E', sem.h['o:' .. token], fence_s, now + ttl)
-  return {GRANTED, tonumber(fence_s), now}
+  return {GRANTED, tonumber(fence_s), now, 0}
 end
 local allowed, stale = queue_allows()
 if not lingering and sem.count < limit and allowed then
@@ -258,7 +260,7 @@ if not lingering and sem.count < limit and allowed then
   set_lifetime(KEYS[1], KEYS[2], math.max(sem.latest, now + ttl), now, grace)
   event('A', ARGV[3], fence_s, now + ttl)
   granted_from_queue()
-  return {GRANTED, fence, now}
+  return {GRANTED, fence, now, 1}
 end
 enqueue()
 -- When a slot is free, only the fair queue's head stands in the way: retry when it goes stale.

@@ -33,6 +33,8 @@ pub(super) enum AcquireReply {
         fencing_token: u64,
         /// Redis TIME when granted, in ms.
         now: UnixMillis,
+        /// A new lease, rather than a refresh of one the token already held.
+        new: bool,
     },
     /// Not granted.
     Busy {
@@ -56,6 +58,7 @@ impl AcquireReply {
             GRANTED => Ok(Self::Granted {
                 fencing_token: f.uint(1)?,
                 now: f.int(2)?,
+                new: f.int(3)? == 1,
             }),
             BUSY => {
                 let now = f.int(1)?;

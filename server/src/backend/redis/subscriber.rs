@@ -48,7 +48,6 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The one subscription of this process: wake-ups always, events while anyone watches.
 pub(super) struct Subscriber {
     backend: Arc<RedisBackend>,
-    client: redis::Client,
     waiters: Arc<Waiters>,
     events: Arc<Events>,
     /// Time limit for connecting and for each subscription command.
@@ -71,7 +70,6 @@ enum Logged {
 impl Subscriber {
     pub(super) fn new(
         backend: Arc<RedisBackend>,
-        client: redis::Client,
         waiters: Arc<Waiters>,
         events: Arc<Events>,
         timeout: Duration,
@@ -79,7 +77,6 @@ impl Subscriber {
         let heartbeat_channel = format!("{}:heartbeat:{}", backend.prefix, uuid::Uuid::new_v4());
         Self {
             backend,
-            client,
             waiters,
             events,
             timeout,
@@ -95,16 +92,17 @@ impl Subscriber {
         let mut backoff = Duration::from_millis(50);
         let mut logged = Logged::Nothing;
         let mut watchers = self.events.watchers();
+        let mut failures = 0;
         loop {
             let attempt = async {
-                let pubsub = self.client.get_async_pubsub().await?;
+                let pubsub = self.backend.topology.pubsub(failures).await?;
                 let (mut sink, stream) = pubsub.split();
                 sink.subscribe(&[
                     self.backend.released_channel.as_str(),
                     self.heartbeat_channel.as_str(),
                 ])
                 .await?;
-                Ok::<_, RedisError>((sink, stream))
+                Ok::<_, crate::error::Error>((sink, stream))
             };
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -113,6 +111,7 @@ impl Subscriber {
             let cause = match connected {
                 Ok(Ok((sink, stream))) => {
                     backoff = Duration::from_millis(50);
+                    failures = 0;
                     self.set_down(None);
                     if matches!(logged, Logged::Down(_)) {
                         tracing::info!("wake-up subscription restored");
@@ -129,6 +128,7 @@ impl Subscriber {
                 Ok(Err(e)) => format!("cannot subscribe: {e}"),
                 Err(_) => format!("cannot subscribe: no answer within {:?}", self.timeout),
             };
+            failures += 1;
             self.set_down(Some(cause.clone()));
             let down = Logged::Down(cause);
             if logged == down {
@@ -161,14 +161,24 @@ impl Subscriber {
         shutdown: &CancellationToken,
     ) -> Option<Cause> {
         let mut watching = false;
+        // Cluster mode only: the per-master expiry subscriptions, cancelled when dropped.
+        let mut expiry_listeners = ExpiryListeners::default();
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = Instant::now();
+        let mut switches = self.backend.topology.switches();
         loop {
             let want = *watchers.borrow_and_update() > 0;
             if want != watching {
                 match tokio::time::timeout(self.timeout, self.watch_events(&mut sink, want)).await {
-                    Ok(Ok(())) => watching = want,
+                    Ok(Ok(())) => {
+                        watching = want;
+                        if !want {
+                            expiry_listeners.0.clear();
+                        } else if self.backend.topology.is_cluster() {
+                            self.follow_masters(&mut expiry_listeners).await;
+                        }
+                    }
                     Ok(Err(e)) => return Some(format!("cannot (un)subscribe lock events: {e}")),
                     Err(_) => {
                         return Some(format!(
@@ -181,7 +191,13 @@ impl Subscriber {
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 _ = watchers.changed() => {}
+                _ = master_switch(&mut switches) => {
+                    return Some("the Redis master switched (Sentinel failover)".to_owned());
+                }
                 _ = heartbeat.tick() => {
+                    if watching && self.backend.topology.is_cluster() {
+                        self.follow_masters(&mut expiry_listeners).await;
+                    }
                     let silent = heard.elapsed();
                     if silent >= HEARTBEAT_TIMEOUT {
                         return Some(format!(
@@ -214,47 +230,129 @@ impl Subscriber {
             .unwrap_or_else(PoisonError::into_inner) = cause;
     }
 
-    /// Starts or stops listening for lock events and expirations.
+    /// Starts or stops listening for lock events and expirations. Lock events are published
+    /// with classic `PUBLISH`, which a cluster sends to every node, so this one subscription
+    /// hears them all; expirations are only told on the node where the key expired, so in
+    /// Cluster mode [`Self::follow_masters`] listens on every master instead.
     async fn watch_events(&self, sink: &mut PubSubSink, on: bool) -> Result<(), RedisError> {
+        let cluster = self.backend.topology.is_cluster();
         if on {
-            self.enable_expiry_notifications().await;
             sink.subscribe(&self.backend.events_channel).await?;
-            sink.psubscribe(EXPIRED_PATTERN).await
+            if !cluster {
+                enable_expiry_notifications(&self.backend, None).await;
+                sink.psubscribe(EXPIRED_PATTERN).await?;
+            }
+            Ok(())
         } else {
             sink.unsubscribe(&self.backend.events_channel).await?;
-            sink.punsubscribe(EXPIRED_PATTERN).await
+            if !cluster {
+                sink.punsubscribe(EXPIRED_PATTERN).await?;
+            }
+            Ok(())
         }
     }
 
-    /// Turns on Redis's expired-key notifications (`notify-keyspace-events` E and x) if they are
-    /// off. Managed Redis services may refuse CONFIG: expirations are then not reported.
-    async fn enable_expiry_notifications(&self) {
-        let mut get = redis::pipe();
-        get.cmd("CONFIG").arg("GET").arg("notify-keyspace-events");
-        let flags = match self.backend.query::<((String, String),)>(&get).await {
-            Ok(((_, flags),)) => flags,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read notify-keyspace-events; Watch will not see expirations");
-                return;
-            }
+    /// Cluster mode, while anyone watches: keeps one expiry subscription per current master,
+    /// starting those of new masters and dropping those of nodes that are no longer masters.
+    async fn follow_masters(&self, listeners: &mut ExpiryListeners) {
+        let masters = async {
+            let (mut conn, _) = self.backend.any_conn().await?;
+            self.backend.topology.masters(&mut conn).await
         };
-        let has = |c| flags.contains(c);
-        if has('E') && (has('x') || has('A')) {
+        let Ok(masters) = masters.await else {
+            return;
+        };
+        let masters: Vec<(String, u16)> = masters.into_iter().flatten().collect();
+        listeners.0.retain(|addr, _| masters.contains(addr));
+        for addr in masters {
+            if listeners.0.contains_key(&addr) {
+                continue;
+            }
+            let stop = CancellationToken::new();
+            tokio::spawn(listen_for_expiries(
+                self.backend.clone(),
+                self.events.clone(),
+                addr.clone(),
+                stop.clone(),
+            ));
+            listeners.0.insert(addr, stop.drop_guard());
+        }
+    }
+}
+
+/// Cluster mode: the expiry subscriptions, one per master, each stopped when dropped.
+#[derive(Default)]
+struct ExpiryListeners(std::collections::HashMap<(String, u16), tokio_util::sync::DropGuard>);
+
+/// Listens for expired lock keys on one cluster master until `stop`, reconnecting with a pause
+/// after a failure (the master list is checked again every second meanwhile).
+async fn listen_for_expiries(
+    backend: Arc<RedisBackend>,
+    events: Arc<Events>,
+    addr: (String, u16),
+    stop: CancellationToken,
+) {
+    loop {
+        enable_expiry_notifications(&backend, Some(&addr)).await;
+        let subscribed = async {
+            let mut pubsub = backend.topology.node_pubsub(&addr.0, addr.1).await?;
+            pubsub.psubscribe(EXPIRED_PATTERN).await?;
+            Ok::<_, crate::error::Error>(pubsub)
+        };
+        if let Ok(mut pubsub) = subscribed.await {
+            let mut messages = pubsub.on_message();
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    msg = messages.next() => msg,
+                };
+                let Some(msg) = msg else { break };
+                let key = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
+                if let Some(resource) = backend.resource_of(&key) {
+                    tokio::spawn(report_expiry(backend.clone(), events.clone(), resource));
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Turns on Redis's expired-key notifications (`notify-keyspace-events` E and x) if they are
+/// off, on `node` (a cluster master) or the one Redis. Managed Redis services may refuse
+/// CONFIG: expirations are then not reported.
+async fn enable_expiry_notifications(backend: &RedisBackend, node: Option<&(String, u16)>) {
+    let Ok((mut conn, _)) = backend.any_conn().await else {
+        return;
+    };
+    let mut get = redis::cmd("CONFIG");
+    get.arg("GET").arg("notify-keyspace-events");
+    let flags = match conn.on_node::<(String, String)>(node, get).await {
+        Ok((_, flags)) => flags,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read notify-keyspace-events; Watch will not see expirations");
             return;
         }
-        let mut set = redis::pipe();
-        set.cmd("CONFIG")
-            .arg("SET")
-            .arg("notify-keyspace-events")
-            .arg(format!("{flags}Ex"));
-        match self.backend.query::<(String,)>(&set).await {
-            Ok(_) => tracing::info!("enabled Redis keyspace notifications for expired keys (Ex)"),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot enable notify-keyspace-events Ex; Watch will not see expirations")
-            }
+    };
+    let has = |c| flags.contains(c);
+    if has('E') && (has('x') || has('A')) {
+        return;
+    }
+    let mut set = redis::cmd("CONFIG");
+    set.arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(format!("{flags}Ex"));
+    match conn.on_node::<String>(node, set).await {
+        Ok(_) => tracing::info!("enabled Redis keyspace notifications for expired keys (Ex)"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot enable notify-keyspace-events Ex; Watch will not see expirations")
         }
     }
+}
 
+impl Subscriber {
     fn handle(&self, msg: &redis::Msg) {
         let payload = String::from_utf8_lossy(msg.get_payload_bytes());
         if msg.from_pattern() {
@@ -277,11 +375,22 @@ impl Subscriber {
     }
 }
 
+/// Completes when Sentinel switches masters; never outside Sentinel mode.
+async fn master_switch(switches: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    let changed = match switches {
+        Some(s) => s.changed().await.is_ok(),
+        None => false,
+    };
+    if !changed {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Publishes one heartbeat through a shared connection (not refused while Redis may evict
 /// keys: the subscription is still worth keeping). A failure shows as a missing heartbeat.
 async fn publish_heartbeat(backend: Arc<RedisBackend>, channel: String) {
     let published = async {
-        let mut conn = backend.any_conn().await?;
+        let (mut conn, _) = backend.any_conn().await?;
         let r = redis::cmd("PUBLISH")
             .arg(&channel)
             .arg("")

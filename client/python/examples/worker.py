@@ -20,8 +20,7 @@ instead of running the tick's job a second time after a fast job released it. A 
 more than ``--misfire-ms`` after the tick skips it ("miss"); with misfire + jitter well below the
 minimum hold, and the minimum hold well below the interval, every tick runs exactly once.
 
-Usage:
-    generate.sh
+Usage (after ``pip install client/python``, which provides the ``lockd`` package):
     worker.py 127.0.0.1:50051 nightly-scan worker-a 20 runs.log
 """
 
@@ -34,7 +33,8 @@ import time
 
 import grpc
 
-from lockd_lock import lock_pb2, lock_pb2_grpc, lockd_lock
+from lockd import lockd_lock
+from lockd.v1 import lock_pb2, lock_pb2_grpc
 
 
 def parse_args() -> argparse.Namespace:
