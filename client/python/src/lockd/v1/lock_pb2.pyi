@@ -276,3 +276,79 @@ class ListLocksResponse(_message.Message):
     locks: _containers.RepeatedCompositeFieldContainer[LockInfo]
     next_page_token: str
     def __init__(self, locks: _Optional[_Iterable[_Union[LockInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("request_id", "expire_on_close", "acquire", "release", "extend", "heartbeat", "cancel")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_ON_CLOSE_FIELD_NUMBER: _ClassVar[int]
+    ACQUIRE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    EXTEND_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    expire_on_close: bool
+    acquire: AcquireRequest
+    release: ReleaseRequest
+    extend: ExtendRequest
+    heartbeat: SessionHeartbeat
+    cancel: SessionCancel
+    def __init__(self, request_id: _Optional[int] = ..., expire_on_close: _Optional[bool] = ..., acquire: _Optional[_Union[AcquireRequest, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., extend: _Optional[_Union[ExtendRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[SessionHeartbeat, _Mapping]] = ..., cancel: _Optional[_Union[SessionCancel, _Mapping]] = ...) -> None: ...
+
+class SessionCancel(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionHeartbeat(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionLease(_message.Message):
+    __slots__ = ("bound_by", "resource", "status")
+    BOUND_BY_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    bound_by: int
+    resource: str
+    status: LeaseStatus
+    def __init__(self, bound_by: _Optional[int] = ..., resource: _Optional[str] = ..., status: _Optional[_Union[LeaseStatus, str]] = ...) -> None: ...
+
+class SessionHeartbeatResponse(_message.Message):
+    __slots__ = ("renewed", "lost")
+    RENEWED_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    renewed: int
+    lost: _containers.RepeatedCompositeFieldContainer[SessionLease]
+    def __init__(self, renewed: _Optional[int] = ..., lost: _Optional[_Iterable[_Union[SessionLease, _Mapping]]] = ...) -> None: ...
+
+class SessionLeasesLost(_message.Message):
+    __slots__ = ("leases",)
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    leases: _containers.RepeatedCompositeFieldContainer[SessionLease]
+    def __init__(self, leases: _Optional[_Iterable[_Union[SessionLease, _Mapping]]] = ...) -> None: ...
+
+class SessionError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("request_id", "acquire", "release", "extend", "heartbeat", "error", "lost")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACQUIRE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    EXTEND_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    acquire: AcquireResponse
+    release: ReleaseResponse
+    extend: ExtendResponse
+    heartbeat: SessionHeartbeatResponse
+    error: SessionError
+    lost: SessionLeasesLost
+    def __init__(self, request_id: _Optional[int] = ..., acquire: _Optional[_Union[AcquireResponse, _Mapping]] = ..., release: _Optional[_Union[ReleaseResponse, _Mapping]] = ..., extend: _Optional[_Union[ExtendResponse, _Mapping]] = ..., heartbeat: _Optional[_Union[SessionHeartbeatResponse, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., lost: _Optional[_Union[SessionLeasesLost, _Mapping]] = ...) -> None: ...

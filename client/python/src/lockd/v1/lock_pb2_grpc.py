@@ -65,6 +65,11 @@ class LockServiceStub:
                 request_serializer=lockd_dot_v1_dot_lock__pb2.KeepAliveRequest.SerializeToString,
                 response_deserializer=lockd_dot_v1_dot_lock__pb2.KeepAliveResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/lockd.v1.LockService/Session',
+                request_serializer=lockd_dot_v1_dot_lock__pb2.SessionRequest.SerializeToString,
+                response_deserializer=lockd_dot_v1_dot_lock__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/lockd.v1.LockService/Watch',
                 request_serializer=lockd_dot_v1_dot_lock__pb2.WatchRequest.SerializeToString,
@@ -137,6 +142,23 @@ class LockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Session carries many lock operations on one stream: each request has an id, and each reply
+        names the id it answers; replies may come out of order. Acquire, Release and Extend behave
+        as the unary RPCs do, but a lease that an Acquire or an Extend on the session grants is
+        bound to the session: every heartbeat renews all of the session's leases to the TTL they
+        were bound with, and a lease that is lost is reported at once. When the client ends the
+        session (closes its sending side), lockd finishes the operations in flight, releases the
+        session's leases (unless `expire_on_close`), and ends its side. When the session breaks (a
+        reset connection, a crashed client), its leases end at their TTL, as with KeepAlive. A
+        lease renewed elsewhere after the session's last renewal is never released by the
+        session. A session has at most the server's per-stream lease limit and a bounded number
+        of operations in flight; lockd reads further requests only as earlier ones finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """Watch streams lock events (acquired, extended, released, expired) for one resource or for
         every resource under a prefix. Events never carry tokens. A watcher that reads too slowly
@@ -185,6 +207,11 @@ def add_LockServiceServicer_to_server(servicer, server):
                     servicer.KeepAlive,
                     request_deserializer=lockd_dot_v1_dot_lock__pb2.KeepAliveRequest.FromString,
                     response_serializer=lockd_dot_v1_dot_lock__pb2.KeepAliveResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=lockd_dot_v1_dot_lock__pb2.SessionRequest.FromString,
+                    response_serializer=lockd_dot_v1_dot_lock__pb2.SessionResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -360,6 +387,33 @@ class LockService:
             '/lockd.v1.LockService/KeepAlive',
             lockd_dot_v1_dot_lock__pb2.KeepAliveRequest.SerializeToString,
             lockd_dot_v1_dot_lock__pb2.KeepAliveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lockd.v1.LockService/Session',
+            lockd_dot_v1_dot_lock__pb2.SessionRequest.SerializeToString,
+            lockd_dot_v1_dot_lock__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
