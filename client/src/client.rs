@@ -46,9 +46,6 @@ pub struct LockClient {
 #[derive(Debug)]
 pub(crate) struct Endpoints {
     clients: Vec<Client>,
-    /// One shared Session stream per endpoint, for Acquire, Release and Extend; `None`: unary
-    /// calls.
-    sessions: Option<Vec<Mux>>,
     current: AtomicUsize,
 }
 
@@ -56,11 +53,6 @@ impl Endpoints {
     /// The index of the endpoint in use now.
     pub(crate) fn current(&self) -> usize {
         self.current.load(Ordering::Relaxed)
-    }
-
-    /// The shared session of the endpoint in use, if the client uses sessions.
-    fn session(&self) -> Option<&Mux> {
-        self.sessions.as_ref().map(|s| &s[self.current()])
     }
 
     /// The endpoint at `index` failed: move on to the next one, unless another call already
@@ -80,6 +72,9 @@ struct Config {
     retry: RetryPolicy,
     /// Used when a lock's options name no owner.
     owner: Option<String>,
+    /// The shared Session stream for Acquire, Release and Extend, one per endpoint (in the
+    /// order of [`Endpoints`]); empty: unary calls.
+    sessions: Vec<Mux>,
 }
 
 /// The result of an attempt to take a lock.
@@ -283,19 +278,20 @@ impl ClientBuilder {
             .into_iter()
             .map(proto::LockServiceClient::new)
             .collect();
-        let sessions = self
-            .sessions
-            .then(|| clients.iter().cloned().map(Mux::new).collect());
         LockClient {
-            endpoints: Arc::new(Endpoints {
-                clients,
-                sessions,
-                current: AtomicUsize::new(current),
-            }),
             config: Arc::new(Config {
                 request_timeout: self.request_timeout,
                 retry: self.retry,
                 owner: self.owner,
+                sessions: if self.sessions {
+                    clients.iter().map(|c| Mux::new(c.clone())).collect()
+                } else {
+                    Vec::new()
+                },
+            }),
+            endpoints: Arc::new(Endpoints {
+                clients,
+                current: AtomicUsize::new(current),
             }),
         }
     }
@@ -834,13 +830,16 @@ impl LockClient {
         extra: Duration,
     ) -> Option<impl Future<Output = Result<Reply, tonic::Status>> + '_> {
         let limit = self.config.request_timeout.saturating_add(extra);
-        self.endpoints.session().map(move |mux| mux.call(op, limit))
+        self.config
+            .sessions
+            .get(self.endpoints.current())
+            .map(move |mux| mux.call(op, limit))
     }
 
     /// Whether guards renew through the shared session (with `Extend`) rather than a
     /// `KeepAlive` stream each.
     pub(crate) fn has_session(&self) -> bool {
-        self.endpoints.sessions.is_some()
+        !self.config.sessions.is_empty()
     }
 
     /// A request carrying the request timeout plus `extra` as its deadline.

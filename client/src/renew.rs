@@ -256,6 +256,7 @@ impl Renewal {
                 continue;
             };
             let sent = Instant::now();
+            let used = self.client.endpoints().current();
             match self
                 .client
                 .extend_once(&self.resource, &self.token, ttl)
@@ -289,6 +290,8 @@ impl Renewal {
                     return End::Lost(LostReason::Rejected(status.message().to_owned()));
                 }
                 Err(status) => {
+                    // Try the next lockd replica's session, if there are others.
+                    self.client.endpoints().failed(used);
                     let delay = self.retry_delay(&mut retry);
                     tracing::debug!(
                         resource = %self.resource, error = %status.message(), ?delay,
