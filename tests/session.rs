@@ -208,6 +208,35 @@ crate::conformance! {
         assert_eq!(lost.leases[0].status(), LeaseStatus::NotHeld);
     }
 
+    // Regression (found by the history checker under replica acks): a lease granted after a
+    // wait was reported lost at the request's start plus its TTL, too soon by the wait, while
+    // it was still held.
+    async fn a_lease_granted_after_a_wait_is_not_reported_lost_before_its_ttl(store: Store) {
+        let s = Setup::new(store).await;
+        let mut holder = s.client().await;
+        let first = acquire_ok(&mut holder, "job-1", 30.0).await;
+        let mut c = s.client().await;
+        let mut session = Open::new(&mut c).await;
+        let mut wait = acquire_req("job-1", 1.5);
+        wait.wait_timeout = Some(secs(10.0));
+        session.send(1, Op::Acquire(wait)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        release(&mut holder, &first).await;
+        let r = session.next().await;
+        let Some(Reply::Acquire(granted)) = r.reply else { panic!("{r:?}") };
+        assert!(granted.acquired);
+        let granted_at = Instant::now();
+        // Counted from the request, the 1.5 s TTL would end 0.3 s after the grant.
+        let early = tokio::time::timeout(Duration::from_millis(1000), session.replies.message()).await;
+        assert!(early.is_err(), "reported before its TTL: {early:?}");
+        assert!(is_locked(&mut holder, "job-1").await.locked);
+        // It is reported once its TTL, counted from the grant, has run out.
+        let r = session.next().await;
+        let Some(Reply::Lost(lost)) = r.reply else { panic!("{r:?}") };
+        assert_eq!(lost.leases[0].bound_by, 1);
+        assert!(granted_at.elapsed() >= Duration::from_millis(1400));
+    }
+
     async fn a_session_lease_taken_over_is_reported_lost_on_the_next_heartbeat(store: Store) {
         let s = Setup::new(store).await;
         let mut c = s.client().await;

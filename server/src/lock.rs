@@ -157,6 +157,10 @@ pub struct Lease {
     pub expires_at: UnixMillis,
     /// The time to live granted, counted from the grant or extension.
     pub ttl: Duration,
+    /// When the backend call that granted or extended the lease started, on this process's
+    /// clock: the lease lasts at least until `since + ttl`. (A waiting Acquire's own start is
+    /// earlier, by its wait: a deadline counted from it would end the lease too soon.)
+    pub since: tokio::time::Instant,
 }
 
 /// What anyone may know about a held lock: never the token.

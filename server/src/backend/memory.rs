@@ -121,6 +121,7 @@ impl Holder {
             fencing_token: self.fencing_token,
             expires_at: now.unix_at(self.expires),
             ttl,
+            since: now.instant,
         }
     }
 }

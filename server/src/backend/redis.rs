@@ -594,6 +594,7 @@ impl Backend for RedisBackend {
         for (name, value) in &p.labels {
             inv.arg(name).arg(value);
         }
+        let since = tokio::time::Instant::now();
         let (reply, mut conn) = self.run_idempotent(&inv).await?;
         match AcquireReply::decode(reply, &p.resource)? {
             AcquireReply::Granted {
@@ -613,6 +614,7 @@ impl Backend for RedisBackend {
                     fencing_token,
                     expires_at: now.saturating_add(millis(p.ttl)),
                     ttl: p.ttl,
+                    since,
                 }))
             }
             AcquireReply::Busy { retry_in, holder } => {
@@ -659,6 +661,7 @@ impl Backend for RedisBackend {
             status,
             lease: None,
         };
+        let since = tokio::time::Instant::now();
         let (reply, mut conn) = self.run(&inv).await?;
         match ExtendReply::decode(reply)? {
             ExtendReply::Extended {
@@ -683,6 +686,7 @@ impl Backend for RedisBackend {
                     fencing_token,
                     expires_at: now.saturating_add(ttl_ms),
                     ttl: from_ms(ttl_ms),
+                    since,
                 }),
             }),
             ExtendReply::NotHeld => Ok(not(LeaseStatus::NotHeld)),

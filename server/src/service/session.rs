@@ -73,7 +73,6 @@ struct Bound {
 enum Done {
     Acquired {
         id: u64,
-        started: Instant,
         waited: bool,
         result: Result<AcquireOutcome>,
     },
@@ -83,7 +82,6 @@ enum Done {
     },
     Extended {
         id: u64,
-        started: Instant,
         ttl: Duration,
         /// Whether it reserved a lease slot (the lease was not bound yet).
         reserved: bool,
@@ -270,18 +268,12 @@ impl<B: Backend> Session<B> {
         self.cancels.insert(id, cancel.clone());
         let locks = self.locks.clone();
         Ok(Some(Box::pin(async move {
-            let started = Instant::now();
             // A cancel drops the acquire, as tonic drops a unary call whose client went away.
             let result = tokio::select! {
                 r = locks.acquire(&req.params, req.wait) => r,
                 () = cancel.cancelled() => Err(Error::Cancelled),
             };
-            Done::Acquired {
-                id,
-                started,
-                waited,
-                result,
-            }
+            Done::Acquired { id, waited, result }
         })))
     }
 
@@ -320,12 +312,10 @@ impl<B: Backend> Session<B> {
         self.quick += 1;
         let locks = self.locks.clone();
         Ok(Some(Box::pin(async move {
-            let started = Instant::now();
             let ttl = params.ttl;
             let result = locks.extend(&params).await;
             Done::Extended {
                 id,
-                started,
                 ttl,
                 reserved,
                 result,
@@ -380,12 +370,7 @@ impl<B: Backend> Session<B> {
     /// Records what an operation did and answers it.
     async fn finish(&mut self, done: Done, ops: &mut FuturesUnordered<BoxFuture<'static, Done>>) {
         match done {
-            Done::Acquired {
-                id,
-                started,
-                waited,
-                result,
-            } => {
+            Done::Acquired { id, waited, result } => {
                 self.reserved -= 1;
                 self.cancels.remove(&id);
                 if !waited {
@@ -394,7 +379,7 @@ impl<B: Backend> Session<B> {
                 let msg = match result {
                     Ok(outcome) => {
                         if let AcquireOutcome::Acquired(lease) = &outcome {
-                            self.bind(id, lease, started, lease.ttl);
+                            self.bind(id, lease, lease.ttl);
                         }
                         reply(
                             id,
@@ -415,7 +400,6 @@ impl<B: Backend> Session<B> {
             }
             Done::Extended {
                 id,
-                started,
                 ttl,
                 reserved,
                 result,
@@ -425,7 +409,7 @@ impl<B: Backend> Session<B> {
                 let msg = match result {
                     Ok(outcome) => {
                         if let (LeaseStatus::Ok, Some(lease)) = (outcome.status, &outcome.lease) {
-                            self.bind(id, lease, started, ttl);
+                            self.bind(id, lease, ttl);
                         }
                         reply(
                             id,
@@ -459,7 +443,7 @@ impl<B: Backend> Session<B> {
     }
 
     /// Binds a granted or extended lease to the session (again, if it was bound already).
-    fn bind(&mut self, id: u64, lease: &crate::lock::Lease, started: Instant, ttl: Duration) {
+    fn bind(&mut self, id: u64, lease: &crate::lock::Lease, ttl: Duration) {
         let key = (lease.resource.clone(), lease.token.expose().to_owned());
         self.leases.insert(
             key,
@@ -467,7 +451,9 @@ impl<B: Backend> Session<B> {
                 bound_by: id,
                 token: lease.token.clone(),
                 ttl,
-                end: started + lease.ttl,
+                // From the backend call that granted it, not from the request, which may
+                // have waited.
+                end: lease.since + lease.ttl,
                 renewing: false,
             },
         );
