@@ -366,12 +366,28 @@ async fn lockctl_run_stops_the_command_when_the_lock_is_lost() {
         "the stubborn command was not SIGKILLed"
     );
     let sleep_pid = read(&dir.join("sleep.pid")).trim().to_owned();
-    let alive = std::process::Command::new("kill")
-        .args(["-0", &sleep_pid])
-        .stderr(Stdio::null())
-        .status()
-        .unwrap()
-        .success();
+    // Dead, or a zombie (killed, waiting for init to reap it, since its shell has exited):
+    // `kill -0` would still find a zombie. SIGTERM takes a moment to land.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{sleep_pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_owned();
+                Some(state != "Z" && state != "X")
+            })
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut alive = running();
+    while alive && Instant::now() < deadline {
+        sleep(Duration::from_millis(20)).await;
+        alive = running();
+    }
     assert!(!alive, "the command's child {sleep_pid} outlived the lock");
     let _ = std::fs::remove_dir_all(&dir);
 }
