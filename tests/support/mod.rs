@@ -515,25 +515,38 @@ impl Setup {
     }
 }
 
-/// Defines one async test per store: `mod memory { fn name }` and `mod redis { fn name }`.
+/// Defines, for each async test `name(store)` given, `name` itself and one `#[tokio::test]`
+/// per store listed: `mod <module> { fn name }` running `name(Store::<variant>)`.
 #[macro_export]
-macro_rules! conformance {
-    ($(async fn $name:ident($store:ident: Store) $body:block)*) => {
+macro_rules! on_stores {
+    ([$($module:ident: $variant:ident),*] $(async fn $name:ident($store:ident: Store) $body:block)*) => {
         $(
             async fn $name($store: $crate::support::Store) $body
         )*
-        mod memory {
+        $crate::store_modules! { [$($module: $variant),*] [$($name)*] }
+    };
+}
+
+/// The modules of [`on_stores!`], one store at a time.
+#[macro_export]
+macro_rules! store_modules {
+    ([] [$($name:ident)*]) => {};
+    ([$module:ident: $variant:ident $(, $more:ident: $more_variant:ident)*] [$($name:ident)*]) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name($crate::support::Store::Memory).await }
+                async fn $name() { super::$name($crate::support::Store::$variant).await }
             )*
         }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name($crate::support::Store::Redis).await }
-            )*
-        }
+        $crate::store_modules! { [$($more: $more_variant),*] [$($name)*] }
+    };
+}
+
+/// Defines one async test per store: `mod memory { fn name }` and `mod redis { fn name }`.
+#[macro_export]
+macro_rules! conformance {
+    ($($tests:tt)*) => {
+        $crate::on_stores! { [memory: Memory, redis: Redis] $($tests)* }
     };
 }
 
@@ -541,28 +554,8 @@ macro_rules! conformance {
 /// cluster.
 #[macro_export]
 macro_rules! replicas {
-    ($(async fn $name:ident($store:ident: Store) $body:block)*) => {
-        $(
-            async fn $name($store: $crate::support::Store) $body
-        )*
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name($crate::support::Store::Redis).await }
-            )*
-        }
-        mod sentinel {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name($crate::support::Store::Sentinel).await }
-            )*
-        }
-        mod cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name($crate::support::Store::Cluster).await }
-            )*
-        }
+    ($($tests:tt)*) => {
+        $crate::on_stores! { [redis: Redis, sentinel: Sentinel, cluster: Cluster] $($tests)* }
     };
 }
 
@@ -570,19 +563,10 @@ macro_rules! replicas {
 /// the test binary, one key prefix per test).
 #[macro_export]
 macro_rules! conformance_ha {
-    ($(async fn $name:ident($store:ident: Store) $body:block)*) => {
-        $crate::conformance! { $(async fn $name($store: Store) $body)* }
-        mod sentinel {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name($crate::support::Store::Sentinel).await }
-            )*
-        }
-        mod cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name($crate::support::Store::Cluster).await }
-            )*
+    ($($tests:tt)*) => {
+        $crate::on_stores! {
+            [memory: Memory, redis: Redis, sentinel: Sentinel, cluster: Cluster]
+            $($tests)*
         }
     };
 }
