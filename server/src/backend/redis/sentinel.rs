@@ -97,7 +97,7 @@ impl Sentinel {
             .await
             .map_err(|_| Error::Unavailable(format!("no answer within {:?}", self.timeout)))??;
         let field = |name: &str| fields.get(name).map(String::as_str).unwrap_or_default();
-        if field("flags").contains("down") && field("flags").contains("o_down") {
+        if field("flags").contains("o_down") {
             return Err(Error::Unavailable(format!(
                 "master `{}` is down ({})",
                 self.name,
