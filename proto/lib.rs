@@ -39,7 +39,7 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = tonic_prost::ProstEncoder<T>;
-    type Decoder = tonic_prost::ProstDecoder<U>;
+    type Decoder = Decoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         tonic_prost::ProstEncoder::new(tonic::codec::BufferSettings::new(
@@ -49,9 +49,36 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::new(tonic::codec::BufferSettings::new(
-            BUFFER_SIZE,
-            YIELD_THRESHOLD,
+        Decoder(tonic_prost::ProstDecoder::new(
+            tonic::codec::BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD),
         ))
+    }
+}
+
+/// prost's decoder, with its failures answered `INVALID_ARGUMENT` instead of `INTERNAL`.
+///
+/// A message that is not valid protobuf for its type (a string field that is not UTF-8, a
+/// truncated field, a wrong wire type) is bad input from the peer, not a fault of the receiver.
+/// The message keeps prost's text, which names the message and the field, such as
+/// `failed to decode Protobuf message: AcquireRequest.resource: invalid string value: data is
+/// not UTF-8 encoded`.
+#[derive(Debug)]
+pub struct Decoder<U>(tonic_prost::ProstDecoder<U>);
+
+impl<U: prost::Message + Default> tonic::codec::Decoder for Decoder<U> {
+    type Item = U;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<U>, tonic::Status> {
+        self.0
+            .decode(buf)
+            .map_err(|e| tonic::Status::invalid_argument(e.message().to_owned()))
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        self.0.buffer_settings()
     }
 }

@@ -15,6 +15,7 @@ mod contention;
 mod differential;
 mod fairness;
 mod keepalive;
+mod limits;
 mod listing;
 mod lock_core;
 mod lockctl;

@@ -103,6 +103,38 @@ pub struct Config {
     #[arg(long, env = "LOCKD_MAX_STREAM_LEASES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_stream_leases: u32,
 
+    /// Requests handled at once (until their response headers; a blocking Acquire for its
+    /// whole wait); beyond it lockd answers RESOURCE_EXHAUSTED at once. Health checks are exempt.
+    #[arg(long, env = "LOCKD_MAX_IN_FLIGHT", default_value_t = 30_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight: u32,
+
+    /// Blocking Acquires (unary and on Session streams) waiting at once; more are answered
+    /// RESOURCE_EXHAUSTED. Less than LOCKD_MAX_IN_FLIGHT.
+    #[arg(long, env = "LOCKD_MAX_WAITERS", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_waiters: u32,
+
+    /// Watch, KeepAlive and Session streams open at once, together; more are answered
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LOCKD_MAX_STREAMS", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams: u32,
+
+    /// Watch, KeepAlive and Session streams open at once on one client connection.
+    #[arg(long, env = "LOCKD_MAX_STREAMS_PER_CONNECTION", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams_per_connection: u32,
+
+    /// HTTP/2 streams (calls of any kind) open at once on one connection; a client waits for a
+    /// free one. More than LOCKD_MAX_STREAMS_PER_CONNECTION.
+    #[arg(long, env = "LOCKD_HTTP2_MAX_STREAMS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http2_max_streams: u32,
+
+    /// Client connections open at once; lockd closes more at once.
+    #[arg(long, env = "LOCKD_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Largest request message, in bytes; larger ones are answered RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LOCKD_MAX_MESSAGE_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(4096..=(64 << 20)))]
+    pub max_message_bytes: u32,
+
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish before lockd exits.
     #[arg(long, env = "LOCKD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -304,6 +336,7 @@ impl Config {
             );
         }
         self.validate_redis_mode()?;
+        self.validate_caps()?;
         if self.key_prefix.is_empty()
             || self.key_prefix.contains(['{', '}'])
             || self.key_prefix.chars().any(char::is_control)
@@ -313,6 +346,37 @@ impl Config {
                 "must be non-empty, without `{`, `}` or control characters (they would break the \
                  Redis Cluster hash tag that keeps a resource's keys in one slot)",
             );
+        }
+        Ok(())
+    }
+
+    /// The overload caps.
+    pub fn caps(&self) -> crate::overload::Caps {
+        crate::overload::Caps {
+            in_flight: self.max_in_flight as usize,
+            waiters: self.max_waiters as usize,
+            streams: self.max_streams as usize,
+            streams_per_connection: self.max_streams_per_connection as usize,
+            connections: self.max_connections as usize,
+        }
+    }
+
+    /// Refuses caps that contradict each other: waiters that would fill the in-flight cap, or
+    /// per-connection streams that HTTP/2 would never let open.
+    fn validate_caps(&self) -> Result<(), String> {
+        if self.max_waiters >= self.max_in_flight {
+            return Err(format!(
+                "LOCKD_MAX_WAITERS (--max-waiters): must be less than LOCKD_MAX_IN_FLIGHT ({}), \
+                 since a blocking Acquire is in flight while it waits; got {}",
+                self.max_in_flight, self.max_waiters
+            ));
+        }
+        if self.max_streams_per_connection >= self.http2_max_streams {
+            return Err(format!(
+                "LOCKD_MAX_STREAMS_PER_CONNECTION (--max-streams-per-connection): must be less \
+                 than LOCKD_HTTP2_MAX_STREAMS ({}), which counts every call on a connection; got {}",
+                self.http2_max_streams, self.max_streams_per_connection
+            ));
         }
         Ok(())
     }
@@ -635,6 +699,15 @@ mod tests {
                 .contains("LOCKD_REPLICA_ACK_TIMEOUT")
         );
         assert_eq!(validated(&redis), Ok(()));
+    }
+
+    #[test]
+    fn contradictory_caps_are_refused_naming_the_setting() {
+        let err = validated(&["--max-waiters", "100", "--max-in-flight", "100"]).unwrap_err();
+        assert!(err.contains("LOCKD_MAX_WAITERS"), "{err}");
+        let err = validated(&["--max-streams-per-connection", "4096"]).unwrap_err();
+        assert!(err.contains("LOCKD_MAX_STREAMS_PER_CONNECTION"), "{err}");
+        assert!(Config::try_parse_from(["lockd", "--max-message-bytes", "100"]).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`events`]: lock events for `Watch`.
 //! - [`service`]: the gRPC adapter: parse the request, call the core, convert the result.
 //! - [`error`]: the crate's error and its one mapping to `tonic::Status`.
+//! - [`overload`]: the caps on requests, waiters, streams and connections.
 //! - [`health`], [`shutdown`], [`telemetry`]: running as a well-behaved server.
 //!
 //! [`run`] binds the configured address; [`serve`] takes a listener, which is the seam tests use.
@@ -20,6 +21,7 @@ pub mod events;
 pub mod health;
 pub mod lock;
 pub mod locks;
+pub mod overload;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
@@ -29,6 +31,7 @@ use std::sync::Arc;
 
 use lockd_proto::v1 as pb;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -38,6 +41,7 @@ pub use crate::config::Config;
 use crate::events::Events;
 use crate::locks::Locks;
 use crate::locks::waiters::Waiters;
+use crate::overload::{Connections, Gate, InFlightLayer};
 use crate::service::LockService;
 
 /// Any error that stops the server.
@@ -115,6 +119,28 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
 }
 
+/// Largest header block a client may send (names, values and their overhead): room for an
+/// `authorization` header and tracing metadata, far from a memory problem.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Streams a client may reset before the server has accepted them (the HTTP/2 "rapid reset"
+/// attack); beyond it the connection is closed.
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// HTTP/2 ping interval on a connection, and how long an answer may take before the connection
+/// is closed: finds peers that stopped answering without closing.
+const HTTP2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const HTTP2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The HTTP/2 settings that stop one client from opening endless streams or holding the
+/// server with stalled ones (see docs/limits.md).
+fn http2_limits(builder: tonic::transport::Server, config: &Config) -> tonic::transport::Server {
+    builder
+        .max_concurrent_streams(config.http2_max_streams)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
+        .http2_keepalive_interval(Some(HTTP2_PING_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_PING_TIMEOUT))
+}
+
 async fn serve_backend<B: Backend>(
     backend: Arc<B>,
     hub: Hub,
@@ -144,6 +170,8 @@ async fn serve_backend<B: Backend>(
     let reflection_v1alpha =
         reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
 
+    let caps = config.caps();
+    let gate = Arc::new(Gate::new(caps));
     let locks = Locks::new(
         backend,
         waiters,
@@ -151,17 +179,28 @@ async fn serve_backend<B: Backend>(
         config.limits(),
         config.instance_id(),
         shutdown.clone(),
+        gate.clone(),
     );
-    let service = LockService::new(Arc::new(locks));
+    let service = LockService::new(Arc::new(locks), gate);
     let addr = listener.local_addr()?;
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(%addr, workers, "lockd listening");
-    let server = tonic::transport::Server::builder()
+    let connections = Connections::new(caps.connections);
+    let incoming = incoming(listener).filter_map(move |accepted| match accepted {
+        Ok(io) => connections.admit(io).map(Ok),
+        Err(e) => Some(Err(e)),
+    });
+    let max_message = config.max_message_bytes as usize;
+    let server = http2_limits(tonic::transport::Server::builder(), &config)
+        .layer(InFlightLayer::new(caps.in_flight))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::lock_service_server::LockServiceServer::new(service))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown.clone().cancelled_owned());
+        .add_service(
+            pb::lock_service_server::LockServiceServer::new(service)
+                .max_decoding_message_size(max_message),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result.map_err(Into::into),
@@ -182,7 +221,6 @@ async fn serve_backend<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_stream::StreamExt as _;
 
     #[tokio::test]
     async fn accepted_connections_have_nagle_off() {

@@ -17,17 +17,20 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::Backend;
 use crate::locks::{Locks, ReleaseVia};
+use crate::overload::{Gate, StreamKind, StreamPermit};
 
 /// The `LockService` implementation, generic over the lock store.
 #[derive(Debug)]
 pub struct LockService<B> {
     locks: Arc<Locks<B>>,
+    /// Caps the open streams.
+    gate: Arc<Gate>,
 }
 
 impl<B: Backend> LockService<B> {
-    /// A service over the lock core.
-    pub fn new(locks: Arc<Locks<B>>) -> Self {
-        Self { locks }
+    /// A service over the lock core, with its streams capped by `gate`.
+    pub fn new(locks: Arc<Locks<B>>, gate: Arc<Gate>) -> Self {
+        Self { locks, gate }
     }
 }
 
@@ -90,7 +93,10 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         &self,
         request: Request<Streaming<pb::KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        let stream = keepalive::Session::start(self.locks.clone(), request.into_inner());
+        let permit = self
+            .gate
+            .stream(StreamKind::KeepAlive, request.remote_addr())?;
+        let stream = keepalive::Session::start(self.locks.clone(), request.into_inner(), permit);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -99,7 +105,9 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         request: Request<Streaming<pb::SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
-        let stream = session::Session::start(self.locks.clone(), request.into_inner(), peer);
+        let permit = self.gate.stream(StreamKind::Session, peer)?;
+        let stream =
+            session::Session::start(self.locks.clone(), request.into_inner(), peer, permit);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -107,8 +115,14 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = request.remote_addr();
         let scope = request::WatchScope::parse(request.into_inner())?;
-        Ok(Response::new(Box::pin(watch_stream(&self.locks, scope))))
+        let permit = self.gate.stream(StreamKind::Watch, peer)?;
+        Ok(Response::new(Box::pin(watch_stream(
+            &self.locks,
+            scope,
+            permit,
+        ))))
     }
 
     async fn list_locks(
@@ -129,15 +143,17 @@ impl<B: Backend> pb::lock_service_server::LockService for LockService<B> {
 
 /// The events under `scope`, as a Watch response stream. A task per watcher, so a watcher that
 /// went away is noticed (`tx.closed`) even when no events flow, and shutdown ends the stream.
+/// The task holds the stream's `permit` until it ends.
 fn watch_stream<B: Backend>(
     locks: &Locks<B>,
     scope: request::WatchScope,
+    permit: StreamPermit,
 ) -> ReceiverStream<Result<pb::WatchResponse, Status>> {
     let (mut rx, guard) = locks.watch();
     let (tx, out) = tokio::sync::mpsc::channel(16);
     let shutdown = locks.shutdown().clone();
     tokio::spawn(async move {
-        let _watching = guard;
+        let _watching = (guard, permit);
         loop {
             let reply = tokio::select! {
                 _ = shutdown.cancelled() => return,

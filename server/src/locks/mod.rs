@@ -35,6 +35,7 @@ use crate::lock::{
     AcquireOutcome, AcquireParams, ExtendOutcome, Holders, LeaseStatus, LockEvent, ReleaseOutcome,
     ReleaseParams, Token,
 };
+use crate::overload::Gate;
 
 /// Which path a release came by, for the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,8 @@ pub struct Locks<B> {
     instance_id: Arc<str>,
     /// Cancelled on shutdown: ends every wait and stream with UNAVAILABLE.
     shutdown: CancellationToken,
+    /// Caps the blocking waits (`LOCKD_MAX_WAITERS`).
+    gate: Arc<Gate>,
 }
 
 fn status_name(s: LeaseStatus) -> &'static str {
@@ -95,6 +98,7 @@ impl<B: Backend> Locks<B> {
         limits: Limits,
         instance_id: String,
         shutdown: CancellationToken,
+        gate: Arc<Gate>,
     ) -> Self {
         Self {
             backend,
@@ -103,6 +107,7 @@ impl<B: Backend> Locks<B> {
             limits,
             instance_id: instance_id.into(),
             shutdown,
+            gate,
         }
     }
 
@@ -130,12 +135,16 @@ impl<B: Backend> Locks<B> {
     /// releases and expiries until the wait ends.
     ///
     /// # Errors
-    /// Backend failures, a mutex/semaphore mismatch, and shutdown during a wait.
+    /// Backend failures, a mutex/semaphore mismatch, shutdown during a wait, and a wait beyond
+    /// `LOCKD_MAX_WAITERS`.
     pub async fn acquire(&self, params: &AcquireParams, wait: Duration) -> Result<AcquireOutcome> {
         let outcome = if wait.is_zero() {
             // Boxed here too: a future is as large as its largest state.
             Box::pin(self.backend.acquire(params)).await?
         } else {
+            // Held while waiting; dropped with this future on every path, including a client
+            // that goes away or a gRPC deadline that passes.
+            let _waiting = self.gate.waiter()?;
             // The configuration caps the wait, so the deadline cannot overflow; saturate anyway.
             let now = Instant::now();
             let deadline = now.checked_add(wait).unwrap_or(now + self.limits.max_wait);

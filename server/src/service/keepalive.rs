@@ -22,6 +22,7 @@ use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{LeaseStatus, ReleaseParams};
 use crate::locks::{Locks, ReleaseVia};
+use crate::overload::StreamPermit;
 
 /// Backend calls one stream makes at once when it renews or releases its leases, so one
 /// message cannot flood the backend however many leases it names.
@@ -38,6 +39,8 @@ pub struct Session<B> {
     /// Let leases expire instead of releasing them when the stream ends (from the first message).
     expire_on_close: Option<bool>,
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
+    /// The stream's place under the stream caps, freed when the task ends.
+    _permit: StreamPermit,
 }
 
 fn lost(resource: &str, status: LeaseStatus) -> pb::LeaseState {
@@ -53,6 +56,7 @@ impl<B: Backend> Session<B> {
     pub fn start(
         locks: Arc<Locks<B>>,
         inbound: Streaming<pb::KeepAliveRequest>,
+        permit: StreamPermit,
     ) -> impl Stream<Item = Result<pb::KeepAliveResponse, Status>> + Send + 'static {
         let (tx, rx) = mpsc::channel(16);
         let session = Self {
@@ -61,6 +65,7 @@ impl<B: Backend> Session<B> {
             leases: HashMap::new(),
             expire_on_close: None,
             tx,
+            _permit: permit,
         };
         tokio::spawn(session.run(inbound));
         ReceiverStream::new(rx)
@@ -132,10 +137,9 @@ impl<B: Backend> Session<B> {
             self.leases.insert(key, (lease, Instant::now()));
         }
         if self.leases.len() > max {
-            return Err(Error::invalid(
-                "keep",
-                format!("a stream may keep at most {max} leases (LOCKD_MAX_STREAM_LEASES)"),
-            ));
+            return Err(Error::ResourceExhausted(format!(
+                "keep: a stream may keep at most {max} leases (LOCKD_MAX_STREAM_LEASES={max})"
+            )));
         }
         let mut states = Vec::new();
         let released: Vec<_> = futures_util::stream::iter(releases)

@@ -44,6 +44,7 @@ use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{AcquireOutcome, ExtendOutcome, LeaseStatus, ReleaseParams, Token};
 use crate::locks::{Locks, ReleaseVia};
+use crate::overload::StreamPermit;
 
 /// Quick operations one session runs at once; lockd reads no further request until one ends.
 pub const OPS_IN_FLIGHT: usize = 128;
@@ -114,6 +115,8 @@ pub struct Session<B> {
     /// Let leases expire instead of releasing them when the client ends the session.
     expire_on_close: Option<bool>,
     tx: mpsc::Sender<Result<pb::SessionResponse, Status>>,
+    /// The stream's place under the stream caps, freed when the task ends.
+    _permit: StreamPermit,
 }
 
 fn reply(id: u64, r: pb::session_response::Reply) -> pb::SessionResponse {
@@ -150,6 +153,7 @@ impl<B: Backend> Session<B> {
         locks: Arc<Locks<B>>,
         inbound: Streaming<pb::SessionRequest>,
         peer: Option<SocketAddr>,
+        permit: StreamPermit,
     ) -> impl Stream<Item = Result<pb::SessionResponse, Status>> + Send + 'static {
         let (tx, rx) = mpsc::channel(REPLY_BUFFER);
         let session = Self {
@@ -164,6 +168,7 @@ impl<B: Backend> Session<B> {
             heartbeats: Vec::new(),
             expire_on_close: None,
             tx,
+            _permit: permit,
         };
         tokio::spawn(session.run(inbound));
         ReceiverStream::new(rx)
