@@ -9,6 +9,7 @@
 mod support;
 
 mod backend_semantics;
+mod bad_input;
 mod client;
 mod conformance;
 mod contention;

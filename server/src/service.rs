@@ -34,6 +34,15 @@ impl<B: Backend> LockService<B> {
     }
 }
 
+/// Whether a stream's inbound error is a bad message from the client (not protobuf for its type,
+/// or over `LOCKD_MAX_MESSAGE_BYTES`) rather than a broken stream: the client is then told why.
+fn bad_message(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::InvalidArgument | tonic::Code::OutOfRange
+    )
+}
+
 /// A boxed server stream, as tonic wants it.
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 

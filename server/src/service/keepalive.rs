@@ -93,6 +93,12 @@ impl<B: Backend> Session<B> {
                     // expiry its last heartbeat reply promised, and it may learn of the break
                     // later than lockd does: releasing now could grant its lock to another
                     // client while it still acts on it. Its leases end at their TTL instead.
+                    Some(Err(status)) if super::bad_message(&status) => {
+                        // The client sent a message that cannot be decoded or is too large:
+                        // it is told why, and its leases are left to their TTL as above.
+                        let _ = self.tx.send(Err(status)).await;
+                        return self.abandon("bad_message_left_to_ttl");
+                    }
                     Some(Err(_)) => return self.abandon("stream_broken_left_to_ttl"),
                 },
                 _ = sleep_until(next_end.unwrap_or_else(Instant::now)), if next_end.is_some() => {

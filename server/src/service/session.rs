@@ -196,6 +196,12 @@ impl<B: Backend> Session<B> {
                     // The stream broke: as for KeepAlive, the leases are left to their TTL
                     // (the client may still be acting on them); operations in flight are
                     // cancelled with the task.
+                    Some(Err(status)) if super::bad_message(&status) => {
+                        // The client sent a message that cannot be decoded or is too large:
+                        // it is told why, and its leases are left to their TTL as above.
+                        let _ = self.tx.send(Err(status)).await;
+                        return self.abandon("bad_message_left_to_ttl");
+                    }
                     Some(Err(_)) => return self.abandon("stream_broken_left_to_ttl"),
                 },
                 Some(done) = ops.next(), if !ops.is_empty() => self.finish(done, &mut ops).await,
