@@ -1,6 +1,8 @@
 //! The gRPC adapter: `lockd.v1.LockService` over the lock core ([`Locks`]). Each handler
 //! parses the request into domain types, makes one call to the core, and converts the result.
 
+#[cfg(test)]
+mod fuzz;
 mod keepalive;
 mod request;
 mod response;
