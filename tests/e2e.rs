@@ -20,6 +20,7 @@ mod limits;
 mod listing;
 mod lock_core;
 mod lockctl;
+mod memory_bounds;
 mod min_hold;
 mod node;
 mod operations;

@@ -211,7 +211,10 @@ fn check_acquire(p: &AcquireParams, wait: Duration, limits: &Limits) {
     check_text("owner", &p.owner, MAX_OWNER_BYTES, false);
     assert!(p.token.expose().len() <= request::MAX_TOKEN_BYTES);
     assert!(p.ttl >= Duration::from_millis(1) && p.ttl <= limits.max_ttl);
-    assert!(p.ttl.subsec_nanos().is_multiple_of(1_000_000), "ttl is whole ms");
+    assert!(
+        p.ttl.subsec_nanos().is_multiple_of(1_000_000),
+        "ttl is whole ms"
+    );
     assert!(wait <= limits.max_wait);
     assert!(p.labels.len() <= MAX_LABELS);
     for (k, v) in &p.labels {
