@@ -8,6 +8,7 @@
 
 mod support;
 
+mod auth;
 mod backend_semantics;
 mod client;
 mod conformance;

@@ -9,10 +9,12 @@
 //! - [`events`]: lock events for `Watch`.
 //! - [`service`]: the gRPC adapter: parse the request, call the core, convert the result.
 //! - [`error`]: the crate's error and its one mapping to `tonic::Status`.
+//! - [`auth`]: API keys, namespaces and access levels.
 //! - [`health`], [`shutdown`], [`telemetry`]: running as a well-behaved server.
 //!
 //! [`run`] binds the configured address; [`serve`] takes a listener, which is the seam tests use.
 
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod error;
@@ -33,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::auth::Auth;
 use crate::backend::{Backend, MemoryBackend, RedisBackend};
 pub use crate::config::Config;
 use crate::events::Events;
@@ -65,10 +68,21 @@ pub async fn serve(
     signal: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     config.validate()?;
+    let auth = match &config.auth_file {
+        Some(file) => Auth::load(file).map_err(|e| format!("refusing to start: {e}"))?,
+        None => {
+            tracing::warn!(
+                "no auth file (LOCKD_AUTH_FILE): lockd is open; anyone who can reach it can \
+                 take, release and watch every lock"
+            );
+            Auth::open()
+        }
+    };
     let shutdown = CancellationToken::new();
     let hub = Hub {
         waiters: Arc::default(),
         events: Arc::default(),
+        auth,
         shutdown,
     };
     match config.redis() {
@@ -97,11 +111,35 @@ pub async fn serve(
     }
 }
 
-/// What the service and the backend share: wake-ups, events, and the shutdown signal.
+/// What the service and the backend share: wake-ups, events, the keys, and the shutdown
+/// signal.
 struct Hub {
     waiters: Arc<Waiters>,
     events: Arc<Events>,
+    auth: Auth,
     shutdown: CancellationToken,
+}
+
+/// Reloads the auth file on each SIGHUP until shutdown. A file that fails to load leaves the
+/// keys in force and is logged.
+async fn reload_on_sighup(auth: Auth, shutdown: CancellationToken) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP: the auth file will not be reloaded");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            got = hangups.recv() => if got.is_none() { return },
+        }
+        if auth.enabled() {
+            match auth.reload() {
+                Ok(keys) => tracing::info!(keys, "SIGHUP: auth file reloaded"),
+                Err(e) => tracing::error!("SIGHUP: {e}; the keys loaded before stay in force"),
+            }
+        }
+    }
 }
 
 /// The accepted connections, with Nagle's algorithm off. The builder's `tcp_nodelay` does not
@@ -125,8 +163,10 @@ async fn serve_backend<B: Backend>(
     let Hub {
         waiters,
         events,
+        auth,
         shutdown,
     } = hub;
+    tokio::spawn(reload_on_sighup(auth.clone(), shutdown.clone()));
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, ServingStatus::NotServing).await;
     tokio::spawn(health::probe(
@@ -152,7 +192,7 @@ async fn serve_backend<B: Backend>(
         config.instance_id(),
         shutdown.clone(),
     );
-    let service = LockService::new(Arc::new(locks));
+    let service = LockService::new(Arc::new(locks), auth);
     let addr = listener.local_addr()?;
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(%addr, workers, "lockd listening");

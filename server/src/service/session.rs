@@ -40,6 +40,7 @@ use tracing::info;
 
 use super::keepalive::{CALLS_IN_FLIGHT, release_on_close};
 use super::{request, response};
+use crate::auth::{Caller, Namespace};
 use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{AcquireOutcome, ExtendOutcome, LeaseStatus, ReleaseParams, Token};
@@ -113,6 +114,10 @@ pub struct Session<B> {
     heartbeats: Vec<u64>,
     /// Let leases expire instead of releasing them when the client ends the session.
     expire_on_close: Option<bool>,
+    /// Whose key opened the session: checked on every request, and the session ends when it
+    /// is revoked (its leases are then left to their TTL, as for a broken stream).
+    caller: Caller,
+    ns: Namespace,
     tx: mpsc::Sender<Result<pb::SessionResponse, Status>>,
 }
 
@@ -135,11 +140,11 @@ fn error_reply(id: u64, e: Error) -> pb::SessionResponse {
     reply(id, pb::session_response::Reply::Error(session_error(e)))
 }
 
-fn lost(bound_by: u64, resource: &str, status: LeaseStatus) -> pb::SessionLease {
+fn lost(ns: &Namespace, bound_by: u64, resource: &str, status: LeaseStatus) -> pb::SessionLease {
     info!(resource = %resource, outcome = "lost", "session");
     pb::SessionLease {
         bound_by,
-        resource: resource.to_owned(),
+        resource: ns.unqualify(resource.to_owned()),
         status: response::lease_status(status) as i32,
     }
 }
@@ -150,6 +155,7 @@ impl<B: Backend> Session<B> {
         locks: Arc<Locks<B>>,
         inbound: Streaming<pb::SessionRequest>,
         peer: Option<SocketAddr>,
+        caller: Caller,
     ) -> impl Stream<Item = Result<pb::SessionResponse, Status>> + Send + 'static {
         let (tx, rx) = mpsc::channel(REPLY_BUFFER);
         let session = Self {
@@ -163,6 +169,8 @@ impl<B: Backend> Session<B> {
             renewing: false,
             heartbeats: Vec::new(),
             expire_on_close: None,
+            ns: caller.namespace(),
+            caller,
             tx,
         };
         tokio::spawn(session.run(inbound));
@@ -185,7 +193,13 @@ impl<B: Backend> Session<B> {
                 .min();
             tokio::select! {
                 msg = inbound.next(), if !ended && self.quick < OPS_IN_FLIGHT => match msg {
-                    Some(Ok(msg)) => self.begin(msg, &mut ops).await,
+                    Some(Ok(msg)) => {
+                        // A revoked key ends the session before its request does anything.
+                        if let Err(e) = self.caller.check() {
+                            return self.revoked(e).await;
+                        }
+                        self.begin(msg, &mut ops).await;
+                    }
                     // The client ended its side: finish what is in flight, then close.
                     None => ended = true,
                     // The stream broke: as for KeepAlive, the leases are left to their TTL
@@ -198,6 +212,7 @@ impl<B: Backend> Session<B> {
                     self.report_expired().await;
                 }
                 () = self.tx.closed() => return self.abandon("call_dropped_left_to_ttl"),
+                e = self.caller.revoked() => return self.revoked(e).await,
                 _ = shutdown.cancelled() => {
                     // Another lockd can take the leases over (an Extend on a new session).
                     let _ = self.tx.send(Err(Error::ShuttingDown.into())).await;
@@ -257,7 +272,7 @@ impl<B: Backend> Session<B> {
         id: u64,
         r: pb::AcquireRequest,
     ) -> Result<Option<BoxFuture<'static, Done>>> {
-        let mut req = request::Acquire::parse(r, &self.locks, self.peer)?;
+        let mut req = request::Acquire::parse(r, &self.locks, self.peer, &self.ns)?;
         self.reserve()?;
         req.params.renewer = Some(self.id.clone());
         let waited = !req.wait.is_zero();
@@ -282,7 +297,7 @@ impl<B: Backend> Session<B> {
         id: u64,
         r: pb::ReleaseRequest,
     ) -> Result<Option<BoxFuture<'static, Done>>> {
-        let params = request::release(r, self.locks.limits())?;
+        let params = request::release(r, self.locks.limits(), &self.ns)?;
         // No longer kept: a heartbeat or the close must not touch it from now on.
         self.leases
             .remove(&(params.resource.clone(), params.token.expose().to_owned()));
@@ -302,7 +317,7 @@ impl<B: Backend> Session<B> {
         id: u64,
         r: pb::ExtendRequest,
     ) -> Result<Option<BoxFuture<'static, Done>>> {
-        let mut params = request::extend(r, self.locks.limits())?;
+        let mut params = request::extend(r, self.locks.limits(), &self.ns)?;
         let key = (params.resource.clone(), params.token.expose().to_owned());
         let reserved = !self.leases.contains_key(&key);
         if reserved {
@@ -383,7 +398,9 @@ impl<B: Backend> Session<B> {
                         }
                         reply(
                             id,
-                            pb::session_response::Reply::Acquire(response::acquire(outcome)),
+                            pb::session_response::Reply::Acquire(response::acquire(
+                                outcome, &self.ns,
+                            )),
                         )
                     }
                     Err(e) => error_reply(id, e),
@@ -413,7 +430,9 @@ impl<B: Backend> Session<B> {
                         }
                         reply(
                             id,
-                            pb::session_response::Reply::Extend(response::extend(outcome)),
+                            pb::session_response::Reply::Extend(response::extend(
+                                outcome, &self.ns,
+                            )),
                         )
                     }
                     Err(e) => error_reply(id, e),
@@ -484,7 +503,9 @@ impl<B: Backend> Session<B> {
                 }
                 Ok(outcome) => {
                     self.leases.remove(&key);
-                    answer.lost.push(lost(bound_by, &key.0, outcome.status));
+                    answer
+                        .lost
+                        .push(lost(&self.ns, bound_by, &key.0, outcome.status));
                 }
                 Err(e) => failure = Some(session_error(e)),
             }
@@ -499,11 +520,12 @@ impl<B: Backend> Session<B> {
     async fn report_expired(&mut self) {
         let now = Instant::now();
         let mut leases = Vec::new();
+        let ns = &self.ns;
         self.leases.retain(|key, b| {
             if b.end > now || b.renewing {
                 return true;
             }
-            leases.push(lost(b.bound_by, &key.0, LeaseStatus::NotHeld));
+            leases.push(lost(ns, b.bound_by, &key.0, LeaseStatus::NotHeld));
             false
         });
         if !leases.is_empty() {
@@ -517,6 +539,13 @@ impl<B: Backend> Session<B> {
 
     async fn send(&self, msg: pb::SessionResponse) {
         let _ = self.tx.send(Ok(msg)).await;
+    }
+
+    /// The caller's key was revoked: the session ends with `UNAUTHENTICATED`, its operations
+    /// in flight are cancelled, and its leases are left to their TTL.
+    async fn revoked(&self, e: Error) {
+        self.abandon("key_revoked_left_to_ttl");
+        let _ = self.tx.send(Err(e.into())).await;
     }
 
     /// The stream ended abnormally: its leases are left to their TTL.
