@@ -9,7 +9,7 @@
 //! - [`events`]: lock events for `Watch`.
 //! - [`service`]: the gRPC adapter: parse the request, call the core, convert the result.
 //! - [`error`]: the crate's error and its one mapping to `tonic::Status`.
-//! - [`auth`]: API keys, namespaces and access levels.
+//! - [`auth`]: API keys, namespaces and access levels; [`tls`]: TLS and mutual TLS.
 //! - [`health`], [`shutdown`], [`telemetry`]: running as a well-behaved server.
 //!
 //! [`run`] binds the configured address; [`serve`] takes a listener, which is the seam tests use.
@@ -25,6 +25,7 @@ pub mod locks;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ use crate::events::Events;
 use crate::locks::Locks;
 use crate::locks::waiters::Waiters;
 use crate::service::LockService;
+use crate::tls::{Tls, TlsFiles};
 
 /// Any error that stops the server.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -78,11 +80,23 @@ pub async fn serve(
             Auth::open()
         }
     };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            Tls::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls_client_ca.clone(),
+            })
+            .map_err(|e| format!("refusing to start: {e}"))?,
+        ),
+        _ => None,
+    };
     let shutdown = CancellationToken::new();
     let hub = Hub {
         waiters: Arc::default(),
         events: Arc::default(),
         auth,
+        tls,
         shutdown,
     };
     match config.redis() {
@@ -117,15 +131,18 @@ struct Hub {
     waiters: Arc<Waiters>,
     events: Arc<Events>,
     auth: Auth,
+    tls: Option<Tls>,
     shutdown: CancellationToken,
 }
 
-/// Reloads the auth file on each SIGHUP until shutdown. A file that fails to load leaves the
-/// keys in force and is logged.
-async fn reload_on_sighup(auth: Auth, shutdown: CancellationToken) {
+/// Reloads the auth file and the TLS certificates on each SIGHUP until shutdown. A file that
+/// fails to load leaves the settings in force and is logged.
+async fn reload_on_sighup(auth: Auth, tls: Option<Tls>, shutdown: CancellationToken) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
-        tracing::warn!("cannot listen for SIGHUP: the auth file will not be reloaded");
+        tracing::warn!(
+            "cannot listen for SIGHUP: the auth file and certificates will not be reloaded"
+        );
         return;
     };
     loop {
@@ -137,6 +154,14 @@ async fn reload_on_sighup(auth: Auth, shutdown: CancellationToken) {
             match auth.reload() {
                 Ok(keys) => tracing::info!(keys, "SIGHUP: auth file reloaded"),
                 Err(e) => tracing::error!("SIGHUP: {e}; the keys loaded before stay in force"),
+            }
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                Err(e) => {
+                    tracing::error!("SIGHUP: {e}; the certificates loaded before stay in force");
+                }
             }
         }
     }
@@ -164,9 +189,14 @@ async fn serve_backend<B: Backend>(
         waiters,
         events,
         auth,
+        tls,
         shutdown,
     } = hub;
-    tokio::spawn(reload_on_sighup(auth.clone(), shutdown.clone()));
+    tokio::spawn(reload_on_sighup(
+        auth.clone(),
+        tls.clone(),
+        shutdown.clone(),
+    ));
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, ServingStatus::NotServing).await;
     tokio::spawn(health::probe(
@@ -195,13 +225,26 @@ async fn serve_backend<B: Backend>(
     let service = LockService::new(Arc::new(locks), auth);
     let addr = listener.local_addr()?;
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(%addr, workers, "lockd listening");
-    let server = tonic::transport::Server::builder()
+    let tls_mode = match &tls {
+        None => "off",
+        Some(t) if t.mutual() => "mutual",
+        Some(_) => "on",
+    };
+    tracing::info!(%addr, workers, tls = tls_mode, "lockd listening");
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::lock_service_server::LockServiceServer::new(service))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown.clone().cancelled_owned());
+        .add_service(pb::lock_service_server::LockServiceServer::new(service));
+    let stop = shutdown.clone().cancelled_owned();
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), stop)),
+        Some(tls) => {
+            Box::pin(router.serve_with_incoming_shutdown(tls.incoming(incoming(listener)), stop))
+        }
+    };
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result.map_err(Into::into),
