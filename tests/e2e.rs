@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
+mod tls;
 
+mod auth;
 mod backend_semantics;
 mod bad_input;
 mod client;

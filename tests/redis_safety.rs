@@ -301,48 +301,6 @@ impl Drop for CustomRedis {
     }
 }
 
-/// Runs lockd over `redis_url` and expects it to exit by itself; returns its status and log.
-async fn lockd_exits(redis_url: &str, env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
-    let log = std::env::temp_dir().join(format!(
-        "lockd-test-{}-exits-{}.log",
-        std::process::id(),
-        free_port()
-    ));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockd"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info")
-        .env("LOCKD_LISTEN", format!("127.0.0.1:{}", free_port()))
-        .env("REDIS_URL", redis_url);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start lockd");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "lockd kept running; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        sleep(Duration::from_millis(20)).await;
-    };
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
-    (status, text)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lockd_refuses_to_start_over_a_redis_that_may_evict_lock_keys() {
     let port = free_port();

@@ -21,7 +21,7 @@ use crate::options::{LockOptions, LockRequest};
 use crate::renew::{self, Renewal};
 use crate::retry::RetryPolicy;
 use crate::session::Mux;
-use crate::{Client, proto};
+use crate::{ApiKey, AuthedClient, proto};
 
 /// The default connect timeout: 5 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,7 +45,7 @@ pub struct LockClient {
 /// retryable error moves the client on to the next one before it retries.
 #[derive(Debug)]
 pub(crate) struct Endpoints {
-    clients: Vec<Client>,
+    clients: Vec<AuthedClient>,
     current: AtomicUsize,
 }
 
@@ -151,6 +151,9 @@ pub struct ClientBuilder {
     retry: RetryPolicy,
     owner: Option<String>,
     sessions: bool,
+    api_key: ApiKey,
+    /// Why the key given to `api_key` is unusable; `connect` reports it.
+    api_key_error: Option<String>,
     #[cfg(feature = "tls")]
     tls: Option<tonic::transport::ClientTlsConfig>,
 }
@@ -193,6 +196,17 @@ impl ClientBuilder {
     /// The owner named by locks whose options give none (default: lockd uses the peer address).
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.owner = Some(owner.into());
+        self
+    }
+
+    /// The API key sent with every call (`authorization: Bearer <key>`), for a lockd with an
+    /// auth file. The key must be printable ASCII; [`ClientBuilder::connect`] fails otherwise.
+    pub fn api_key(mut self, key: impl AsRef<str>) -> Self {
+        self.api_key_error = None;
+        match ApiKey::new(key.as_ref()) {
+            Ok(k) => self.api_key = k,
+            Err(e) => self.api_key_error = Some(e.to_string()),
+        }
         self
     }
 
@@ -261,7 +275,22 @@ impl ClientBuilder {
         Ok(self.client(channels, 0))
     }
 
+    /// A client over a channel you built yourself (its endpoint and TLS settings are the
+    /// channel's), with this builder's other settings.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] when the API key is not printable ASCII.
+    pub fn on_channel(self, channel: Channel) -> Result<LockClient, Error> {
+        if let Some(e) = &self.api_key_error {
+            return Err(Error::Protocol(e.clone()));
+        }
+        Ok(self.client(vec![channel], 0))
+    }
+
     fn endpoint(&self, address: &str) -> Result<Endpoint, Error> {
+        if let Some(e) = &self.api_key_error {
+            return Err(Error::Protocol(e.clone()));
+        }
         let endpoint = Endpoint::from_shared(address.to_owned())?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
@@ -274,9 +303,9 @@ impl ClientBuilder {
     }
 
     fn client(self, channels: Vec<Channel>, current: usize) -> LockClient {
-        let clients: Vec<Client> = channels
+        let clients: Vec<AuthedClient> = channels
             .into_iter()
-            .map(proto::LockServiceClient::new)
+            .map(|c| proto::LockServiceClient::with_interceptor(c, self.api_key.clone()))
             .collect();
         LockClient {
             config: Arc::new(Config {
@@ -329,6 +358,8 @@ impl LockClient {
             retry: RetryPolicy::default(),
             owner: None,
             sessions: true,
+            api_key: ApiKey::default(),
+            api_key_error: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -340,7 +371,7 @@ impl LockClient {
     }
 
     /// The generated client over the connection in use, for calls this layer does not wrap.
-    pub fn raw(&self) -> Client {
+    pub fn raw(&self) -> AuthedClient {
         self.endpoints.clients[self.endpoints.current()].clone()
     }
 

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
-use crate::Client;
+use crate::AuthedClient as Client;
 
 /// Requests that may wait to be sent on the stream (HTTP/2 flow control holds the rest back).
 const SEND_BUFFER: usize = 256;

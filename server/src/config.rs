@@ -4,6 +4,7 @@
 //! the environment.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -154,6 +155,61 @@ pub struct Config {
     /// then both hold one). Without this flag lockd refuses to start against such a Redis.
     #[arg(long, env = "LOCKD_ALLOW_EVICTING_REDIS", value_parser = clap::builder::FalseyValueParser::new())]
     pub allow_evicting_redis: bool,
+
+    /// API keys (TOML: name, namespace, access, sha256 of each key; `lockd keygen` prints
+    /// entries). Without it lockd lets every caller in. SIGHUP reloads it.
+    #[arg(long, env = "LOCKD_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Server certificate chain (PEM): serve gRPC over TLS. Needs --tls-key. SIGHUP reloads it.
+    #[arg(long, env = "LOCKD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The server certificate's private key (PEM).
+    #[arg(long, env = "LOCKD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) for client certificates: mutual TLS. A client without a
+    /// certificate signed by one of them is refused during the handshake. Needs --tls-cert.
+    #[arg(long, env = "LOCKD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Redis ACL user (with REDIS_PASSWORD) for REDIS_HOST, Sentinel and Cluster modes; with
+    /// REDIS_URL, put it in the URL (redis://user:password@host).
+    #[arg(long, env = "REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// Connect to Redis over TLS in REDIS_HOST, Sentinel and Cluster modes (with REDIS_URL, use
+    /// a rediss:// URL).
+    #[arg(long, env = "REDIS_TLS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub redis_tls: bool,
+
+    /// CA certificates (PEM) that sign Redis's TLS certificate, for a private CA (default: the
+    /// system's roots).
+    #[arg(long, env = "REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<PathBuf>,
+
+    /// A command instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands other than serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Print a new random API key and the auth-file entry that admits it (the file stores only
+    /// the key's SHA-256).
+    Keygen {
+        /// The key's name, shown in logs.
+        #[arg(long)]
+        name: String,
+        /// The namespace its locks live in.
+        #[arg(long)]
+        namespace: String,
+        /// `read` (IsLocked, GetOwner, ListLocks, Watch) or `write` (everything).
+        #[arg(long, default_value = "write")]
+        access: String,
+    },
 }
 
 /// How log lines are written to stderr.
@@ -337,6 +393,7 @@ impl Config {
         }
         self.validate_redis_mode()?;
         self.validate_caps()?;
+        self.validate_tls()?;
         if self.key_prefix.is_empty()
             || self.key_prefix.contains(['{', '}'])
             || self.key_prefix.chars().any(char::is_control)
@@ -377,6 +434,43 @@ impl Config {
                  than LOCKD_HTTP2_MAX_STREAMS ({}), which counts every call on a connection; got {}",
                 self.http2_max_streams, self.max_streams_per_connection
             ));
+        }
+        Ok(())
+    }
+
+    /// Refuses half a TLS setup: a certificate without its key or the reverse, mutual TLS
+    /// without server TLS, and Redis TLS settings that would be ignored.
+    fn validate_tls(&self) -> Result<(), String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(
+                    "LOCKD_TLS_CERT (--tls-cert) and LOCKD_TLS_KEY (--tls-key): \
+                            TLS needs both"
+                        .into(),
+                );
+            }
+            (None, None) if self.tls_client_ca.is_some() => {
+                return Err("LOCKD_TLS_CLIENT_CA (--tls-client-ca): mutual TLS needs \
+                            LOCKD_TLS_CERT and LOCKD_TLS_KEY too"
+                    .into());
+            }
+            _ => {}
+        }
+        let url = self.redis_url.as_deref().filter(|u| !u.is_empty());
+        if url.is_some() && (self.redis_tls || self.redis_username.is_some()) {
+            return Err(
+                "REDIS_TLS and REDIS_USERNAME: with REDIS_URL, put them in the URL \
+                        (rediss://user:password@host:port)"
+                    .into(),
+            );
+        }
+        let tls = self.redis_tls || url.is_some_and(|u| u.starts_with("rediss://"));
+        if self.redis_tls_ca.is_some() && !tls {
+            return Err(
+                "REDIS_TLS_CA (--redis-tls-ca): needs REDIS_TLS=true or a rediss:// \
+                        REDIS_URL"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -19,6 +19,13 @@ pub enum Error {
     /// Retrying after the stream has fewer may succeed.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The call carries no API key, a malformed one, or one that is not (or no longer) in the
+    /// auth file.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The API key may not make this call (a read key on a write call).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The client gave the operation up (a cancel on a Session stream).
     #[error("cancelled by the client")]
     Cancelled,
@@ -46,6 +53,8 @@ impl From<Error> for Status {
             Error::InvalidArgument(msg) => Status::invalid_argument(msg),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
             Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
+            Error::Unauthenticated(msg) => Status::unauthenticated(msg),
+            Error::PermissionDenied(msg) => Status::permission_denied(msg),
             Error::Cancelled => Status::cancelled(err.to_string()),
             Error::Unavailable(_) | Error::ShuttingDown => Status::unavailable(err.to_string()),
             Error::Internal(_) => Status::internal(err.to_string()),

@@ -9,11 +9,13 @@
 //! - [`events`]: lock events for `Watch`.
 //! - [`service`]: the gRPC adapter: parse the request, call the core, convert the result.
 //! - [`error`]: the crate's error and its one mapping to `tonic::Status`.
+//! - [`auth`]: API keys, namespaces and access levels; [`tls`]: TLS and mutual TLS.
 //! - [`overload`]: the caps on requests, waiters, streams and connections.
 //! - [`health`], [`shutdown`], [`telemetry`]: running as a well-behaved server.
 //!
 //! [`run`] binds the configured address; [`serve`] takes a listener, which is the seam tests use.
 
+pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod error;
@@ -25,17 +27,18 @@ pub mod overload;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use lockd_proto::v1 as pb;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::auth::Auth;
 use crate::backend::{Backend, MemoryBackend, RedisBackend};
 pub use crate::config::Config;
 use crate::events::Events;
@@ -43,6 +46,7 @@ use crate::locks::Locks;
 use crate::locks::waiters::Waiters;
 use crate::overload::{Connections, Gate, InFlightLayer};
 use crate::service::LockService;
+use crate::tls::{Tls, TlsFiles};
 
 /// Any error that stops the server.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -69,10 +73,33 @@ pub async fn serve(
     signal: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     config.validate()?;
+    let auth = match &config.auth_file {
+        Some(file) => Auth::load(file).map_err(|e| format!("refusing to start: {e}"))?,
+        None => {
+            tracing::warn!(
+                "no auth file (LOCKD_AUTH_FILE): lockd is open; anyone who can reach it can \
+                 take, release and watch every lock"
+            );
+            Auth::open()
+        }
+    };
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            Tls::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls_client_ca.clone(),
+            })
+            .map_err(|e| format!("refusing to start: {e}"))?,
+        ),
+        _ => None,
+    };
     let shutdown = CancellationToken::new();
     let hub = Hub {
         waiters: Arc::default(),
         events: Arc::default(),
+        auth,
+        tls,
         shutdown,
     };
     match config.redis() {
@@ -101,11 +128,46 @@ pub async fn serve(
     }
 }
 
-/// What the service and the backend share: wake-ups, events, and the shutdown signal.
+/// What the service and the backend share: wake-ups, events, the keys, and the shutdown
+/// signal.
 struct Hub {
     waiters: Arc<Waiters>,
     events: Arc<Events>,
+    auth: Auth,
+    tls: Option<Tls>,
     shutdown: CancellationToken,
+}
+
+/// Reloads the auth file and the TLS certificates on each SIGHUP until shutdown. A file that
+/// fails to load leaves the settings in force and is logged.
+async fn reload_on_sighup(auth: Auth, tls: Option<Tls>, shutdown: CancellationToken) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!(
+            "cannot listen for SIGHUP: the auth file and certificates will not be reloaded"
+        );
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            got = hangups.recv() => if got.is_none() { return },
+        }
+        if auth.enabled() {
+            match auth.reload() {
+                Ok(keys) => tracing::info!(keys, "SIGHUP: auth file reloaded"),
+                Err(e) => tracing::error!("SIGHUP: {e}; the keys loaded before stay in force"),
+            }
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                Err(e) => {
+                    tracing::error!("SIGHUP: {e}; the certificates loaded before stay in force");
+                }
+            }
+        }
+    }
 }
 
 /// The accepted connections, with Nagle's algorithm off. The builder's `tcp_nodelay` does not
@@ -151,8 +213,15 @@ async fn serve_backend<B: Backend>(
     let Hub {
         waiters,
         events,
+        auth,
+        tls,
         shutdown,
     } = hub;
+    tokio::spawn(reload_on_sighup(
+        auth.clone(),
+        tls.clone(),
+        shutdown.clone(),
+    ));
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, ServingStatus::NotServing).await;
     tokio::spawn(health::probe(
@@ -181,26 +250,38 @@ async fn serve_backend<B: Backend>(
         shutdown.clone(),
         gate.clone(),
     );
-    let service = LockService::new(Arc::new(locks), gate);
+    let service = LockService::new(Arc::new(locks), auth, gate);
     let addr = listener.local_addr()?;
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(%addr, workers, "lockd listening");
-    let connections = Connections::new(caps.connections);
-    let incoming = incoming(listener).filter_map(move |accepted| match accepted {
-        Ok(io) => connections.admit(io).map(Ok),
-        Err(e) => Some(Err(e)),
-    });
-    let max_message = config.max_message_bytes as usize;
-    let server = http2_limits(tonic::transport::Server::builder(), &config)
+    let tls_mode = match &tls {
+        None => "off",
+        Some(t) if t.mutual() => "mutual",
+        Some(_) => "on",
+    };
+    tracing::info!(%addr, workers, tls = tls_mode, "lockd listening");
+    let router = http2_limits(tonic::transport::Server::builder(), &config)
         .layer(InFlightLayer::new(caps.in_flight))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
             pb::lock_service_server::LockServiceServer::new(service)
-                .max_decoding_message_size(max_message),
-        )
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+                .max_decoding_message_size(config.max_message_bytes as usize),
+        );
+    let stop = shutdown.clone().cancelled_owned();
+    let connections = Connections::new(caps.connections);
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > =
+        match tls {
+            None => Box::pin(
+                router.serve_with_incoming_shutdown(connections.cap(incoming(listener)), stop),
+            ),
+            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                connections.cap(tls.incoming(incoming(listener))),
+                stop,
+            )),
+        };
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => return result.map_err(Into::into),
@@ -221,6 +302,7 @@ async fn serve_backend<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_stream::StreamExt as _;
 
     #[tokio::test]
     async fn accepted_connections_have_nagle_off() {

@@ -12,6 +12,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let config = lockd::Config::parse();
+    if let Some(lockd::config::Command::Keygen {
+        name,
+        namespace,
+        access,
+    }) = &config.command
+    {
+        return keygen(name, namespace, access);
+    }
     lockd::telemetry::init(config.log_format);
     if let Err(rule) = config.validate() {
         tracing::error!("refusing to start: {rule}");
@@ -29,6 +37,23 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "lockd stopped");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `lockd keygen`: the key on stdout's first line, then the auth-file entry.
+fn keygen(name: &str, namespace: &str, access: &str) -> ExitCode {
+    match lockd::auth::generate(name, namespace, access) {
+        Ok((key, entry)) => {
+            println!("{key}");
+            println!();
+            println!("# Add to the auth file (it stores only the key's SHA-256):");
+            print!("{entry}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lockd keygen: {e}");
+            ExitCode::from(2)
         }
     }
 }

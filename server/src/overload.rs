@@ -23,11 +23,11 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::codegen::http;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 
 use crate::error::{Error, Result};
 
@@ -278,10 +278,25 @@ impl Connections {
         }
     }
 
+    /// The connections of `incoming` under the cap (see [`Connections::admit`]).
+    pub fn cap<IO, E>(
+        self,
+        incoming: impl Stream<Item = std::result::Result<IO, E>> + Send + 'static,
+    ) -> impl Stream<Item = std::result::Result<Conn<IO>, E>> + Send + 'static
+    where
+        IO: Send + 'static,
+        E: Send + 'static,
+    {
+        incoming.filter_map(move |accepted| match accepted {
+            Ok(io) => self.admit(io).map(Ok),
+            Err(e) => Some(Err(e)),
+        })
+    }
+
     /// Admits `io` under the cap, or closes it (`None`) when the cap is full: there is no
     /// HTTP/2 connection yet to answer on, so the client sees the connection closed (and its
     /// gRPC library reports `UNAVAILABLE`). Logged for the first refusal and every 1000th.
-    pub fn admit(&self, io: TcpStream) -> Option<Conn> {
+    pub fn admit<IO>(&self, io: IO) -> Option<Conn<IO>> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             let n = self.refused.fetch_add(1, Ordering::Relaxed);
             if n.is_multiple_of(1000) {
@@ -302,10 +317,11 @@ impl Connections {
     }
 }
 
-/// An admitted connection: holds its place under the cap until it closes.
+/// An admitted connection (TCP, or TLS over TCP): holds its place under the cap until it
+/// closes.
 #[derive(Debug)]
-pub struct Conn {
-    io: TcpStream,
+pub struct Conn<IO> {
+    io: IO,
     _permit: OwnedSemaphorePermit,
     /// Until the preface has arrived: when it ends, the connection is closed.
     handshake: Option<Pin<Box<Sleep>>>,
@@ -313,15 +329,15 @@ pub struct Conn {
     read: usize,
 }
 
-impl Connected for Conn {
-    type ConnectInfo = TcpConnectInfo;
+impl<IO: Connected> Connected for Conn<IO> {
+    type ConnectInfo = IO::ConnectInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
+    fn connect_info(&self) -> IO::ConnectInfo {
         self.io.connect_info()
     }
 }
 
-impl AsyncRead for Conn {
+impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -352,7 +368,7 @@ impl AsyncRead for Conn {
     }
 }
 
-impl AsyncWrite for Conn {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

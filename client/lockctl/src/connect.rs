@@ -1,32 +1,13 @@
 //! The connection to lockd: endpoint, TLS, and the API key on every call.
 
 use lockd_client::proto::LockServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
+use lockd_client::{ApiKey, LockClient};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::cli::{Cli, TlsArgs};
 use crate::error::Error;
-
-/// Adds `authorization: Bearer <key>` to every call when an API key is set.
-#[derive(Debug, Clone)]
-pub struct ApiKey(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for ApiKey {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
 
 /// The generated lockd client, sending the API key.
 pub type Lockd = LockServiceClient<InterceptedService<Channel, ApiKey>>;
@@ -36,6 +17,8 @@ pub struct Connection {
     /// The HTTP/2 connection, shared by every client made from it.
     pub channel: Channel,
     api_key: ApiKey,
+    /// The key as given, for [`Connection::lock_client`].
+    key: Option<String>,
 }
 
 impl Connection {
@@ -46,10 +29,10 @@ impl Connection {
     /// a connect error when lockd cannot be reached.
     pub async fn open(cli: &Cli) -> Result<Self, Error> {
         let api_key = match &cli.api_key {
-            Some(key) => Some(format!("Bearer {key}").parse().map_err(|_| {
+            Some(key) => ApiKey::new(key).map_err(|_| {
                 Error::Usage("the API key has characters a header cannot carry".into())
-            })?),
-            None => None,
+            })?,
+            None => ApiKey::default(),
         };
         let mut endpoint = Endpoint::from_shared(cli.endpoint.clone())
             .map_err(lockd_client::Error::from)?
@@ -69,8 +52,21 @@ impl Connection {
             .map_err(lockd_client::Error::from)?;
         Ok(Self {
             channel,
-            api_key: ApiKey(api_key),
+            api_key,
+            key: cli.api_key.clone(),
         })
+    }
+
+    /// The high-level client (lock guards with renewal) over this connection, with the key.
+    ///
+    /// # Errors
+    /// As [`Connection::open`] for the key (checked there already).
+    pub fn lock_client(&self) -> Result<LockClient, Error> {
+        let mut builder = LockClient::builder(String::new());
+        if let Some(key) = &self.key {
+            builder = builder.api_key(key);
+        }
+        Ok(builder.on_channel(self.channel.clone())?)
     }
 
     /// The lockd client over this connection.

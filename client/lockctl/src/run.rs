@@ -11,7 +11,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use lockd_client::{LockClient, LockGuard, TryLock};
+use lockd_client::{LockGuard, TryLock};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -32,7 +32,7 @@ pub struct Run {
 
 /// Takes the lock, runs the command, and returns lockctl's exit code.
 pub async fn run(ctx: &Context, run: Run) -> Result<u8, Error> {
-    let client = LockClient::from_channel(ctx.conn.channel.clone());
+    let client = ctx.conn.lock_client()?;
     let mut request = client
         .lock_options(run.resource.clone())
         .ttl(run.lock.ttl)

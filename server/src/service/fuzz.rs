@@ -17,6 +17,7 @@ use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 use super::request::{self, MAX_LABEL_BYTES, MAX_LABELS, MAX_LIMIT, MAX_OWNER_BYTES};
+use crate::auth::Namespace;
 use crate::backend::MemoryBackend;
 use crate::config::{Config, Limits};
 use crate::lock::AcquireParams;
@@ -235,6 +236,8 @@ struct Counts {
 /// Decodes `bytes` as every request type; validates what decodes; runs what validates.
 async fn exercise(bytes: &[u8], locks: &Arc<Locks<MemoryBackend>>, counts: &mut Counts) {
     let limits = *locks.limits();
+    // lockd without an auth file: names are not qualified, so the length rules apply as they are.
+    let ns = Namespace::open();
     let mut acquires = Vec::new();
     let mut releases = Vec::new();
     let mut extends = Vec::new();
@@ -257,7 +260,7 @@ async fn exercise(bytes: &[u8], locks: &Arc<Locks<MemoryBackend>>, counts: &mut 
     }
     if let Ok(r) = pb::WatchRequest::decode(bytes) {
         counts.decoded += 1;
-        if let Ok(scope) = request::WatchScope::parse(r) {
+        if let Ok(scope) = request::WatchScope::parse(r, &ns) {
             match scope {
                 request::WatchScope::Resource(r) => {
                     check_text("resource", &r, request::MAX_RESOURCE_BYTES, false);
@@ -270,7 +273,7 @@ async fn exercise(bytes: &[u8], locks: &Arc<Locks<MemoryBackend>>, counts: &mut 
     }
     if let Ok(r) = pb::ListLocksRequest::decode(bytes) {
         counts.decoded += 1;
-        if let Ok(list) = request::List::parse(r) {
+        if let Ok(list) = request::List::parse(r, &ns) {
             check_text("prefix", &list.prefix, request::MAX_RESOURCE_BYTES, true);
             assert!((1..=request::MAX_PAGE_SIZE as usize).contains(&list.page_size));
             counts.executed += 1;
@@ -282,7 +285,7 @@ async fn exercise(bytes: &[u8], locks: &Arc<Locks<MemoryBackend>>, counts: &mut 
     if let Ok(r) = pb::KeepAliveRequest::decode(bytes) {
         counts.decoded += 1;
         for lease in r.keep.into_iter().chain(r.release) {
-            if let Ok(kept) = request::KeptLease::parse(lease, &limits) {
+            if let Ok(kept) = request::KeptLease::parse(lease, &limits, &ns) {
                 counts.validated += 1;
                 check_text(
                     "resource",
@@ -306,7 +309,7 @@ async fn exercise(bytes: &[u8], locks: &Arc<Locks<MemoryBackend>>, counts: &mut 
     }
 
     for a in acquires {
-        if let Ok(req) = request::Acquire::parse(a, locks, None) {
+        if let Ok(req) = request::Acquire::parse(a, locks, None, &ns) {
             counts.validated += 1;
             check_acquire(&req.params, req.wait, &limits);
             counts.executed += 1;
@@ -315,7 +318,7 @@ async fn exercise(bytes: &[u8], locks: &Arc<Locks<MemoryBackend>>, counts: &mut 
         }
     }
     for r in releases {
-        if let Ok(params) = request::release(r, &limits) {
+        if let Ok(params) = request::release(r, &limits, &ns) {
             counts.validated += 1;
             check_text(
                 "resource",
@@ -329,7 +332,7 @@ async fn exercise(bytes: &[u8], locks: &Arc<Locks<MemoryBackend>>, counts: &mut 
         }
     }
     for e in extends {
-        if let Ok(params) = request::extend(e, &limits) {
+        if let Ok(params) = request::extend(e, &limits, &ns) {
             counts.validated += 1;
             check_text(
                 "resource",

@@ -18,6 +18,7 @@ use tracing::info;
 
 use super::request::KeptLease;
 use super::response;
+use crate::auth::{Caller, Namespace};
 use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{LeaseStatus, ReleaseParams};
@@ -38,14 +39,18 @@ pub struct Session<B> {
     leases: HashMap<(String, String), (KeptLease, Instant)>,
     /// Let leases expire instead of releasing them when the stream ends (from the first message).
     expire_on_close: Option<bool>,
+    /// Whose key opened the stream: checked on every message, and the stream ends when it is
+    /// revoked (the leases are then left to their TTL, as for a broken stream).
+    caller: Caller,
+    ns: Namespace,
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
     /// The stream's place under the stream caps, freed when the task ends.
     _permit: StreamPermit,
 }
 
-fn lost(resource: &str, status: LeaseStatus) -> pb::LeaseState {
+fn lost(ns: &Namespace, resource: &str, status: LeaseStatus) -> pb::LeaseState {
     pb::LeaseState {
-        resource: resource.to_owned(),
+        resource: ns.unqualify(resource.to_owned()),
         status: response::lease_status(status) as i32,
         ..Default::default()
     }
@@ -56,6 +61,7 @@ impl<B: Backend> Session<B> {
     pub fn start(
         locks: Arc<Locks<B>>,
         inbound: Streaming<pb::KeepAliveRequest>,
+        caller: Caller,
         permit: StreamPermit,
     ) -> impl Stream<Item = Result<pb::KeepAliveResponse, Status>> + Send + 'static {
         let (tx, rx) = mpsc::channel(16);
@@ -64,6 +70,8 @@ impl<B: Backend> Session<B> {
             locks,
             leases: HashMap::new(),
             expire_on_close: None,
+            ns: caller.namespace(),
+            caller,
             tx,
             _permit: permit,
         };
@@ -106,6 +114,11 @@ impl<B: Backend> Session<B> {
                 }
                 // The client dropped the call without ending its stream: as above.
                 () = self.tx.closed() => return self.abandon("call_dropped_left_to_ttl"),
+                e = self.caller.revoked() => {
+                    self.abandon("key_revoked_left_to_ttl");
+                    let _ = self.tx.send(Err(e.into())).await;
+                    return;
+                }
                 _ = shutdown.cancelled() => {
                     // Another lockd can take the stream over: keep the leases, end the stream.
                     let _ = self.tx.send(Err(Error::ShuttingDown.into())).await;
@@ -118,6 +131,7 @@ impl<B: Backend> Session<B> {
 
     /// Applies one client message, then renews every lease and reports their states.
     async fn heartbeat(&mut self, msg: pb::KeepAliveRequest) -> Result<()> {
+        self.caller.check()?;
         let limits = *self.locks.limits();
         let max = limits.max_stream_leases;
         if msg.keep.len() > max || msg.release.len() > max {
@@ -131,13 +145,13 @@ impl<B: Backend> Session<B> {
         self.expire_on_close.get_or_insert(msg.expire_on_close);
         let mut releases = Vec::with_capacity(msg.release.len());
         for r in msg.release {
-            let lease = KeptLease::parse(r, &limits)?;
+            let lease = KeptLease::parse(r, &limits, &self.ns)?;
             self.leases
                 .remove(&(lease.resource.clone(), lease.token.expose().to_owned()));
             releases.push(self.release_params(&lease, None));
         }
         for k in msg.keep {
-            let lease = KeptLease::parse(k, &limits)?;
+            let lease = KeptLease::parse(k, &limits, &self.ns)?;
             let key = (lease.resource.clone(), lease.token.expose().to_owned());
             // Until the renewal below answers, the lease is trusted for no time at all.
             self.leases.insert(key, (lease, Instant::now()));
@@ -163,7 +177,7 @@ impl<B: Backend> Session<B> {
             let outcome = outcome?;
             states.push(pb::LeaseState {
                 released: outcome.status == LeaseStatus::Ok,
-                ..lost(&params.resource, outcome.status)
+                ..lost(&self.ns, &params.resource, outcome.status)
             });
         }
         let renewals: Vec<_> = self
@@ -199,7 +213,7 @@ impl<B: Backend> Session<B> {
                         entry.1 = started + lease.ttl;
                     }
                     states.push(pb::LeaseState {
-                        resource: params.resource,
+                        resource: self.ns.unqualify(params.resource),
                         status: pb::LeaseStatus::Ok as i32,
                         fencing_token: lease.fencing_token,
                         expires_at: Some(response::timestamp(lease.expires_at)),
@@ -209,7 +223,7 @@ impl<B: Backend> Session<B> {
                 _ => {
                     self.leases.remove(&key);
                     info!(resource = %params.resource, outcome = "lost", "keepalive");
-                    states.push(lost(&params.resource, outcome.status));
+                    states.push(lost(&self.ns, &params.resource, outcome.status));
                 }
             }
         }
@@ -228,12 +242,13 @@ impl<B: Backend> Session<B> {
     async fn report_expired(&mut self) {
         let now = Instant::now();
         let mut states = Vec::new();
+        let ns = &self.ns;
         self.leases.retain(|_, (lease, end)| {
             if *end > now {
                 return true;
             }
             info!(resource = %lease.resource, outcome = "expired", "keepalive");
-            states.push(lost(&lease.resource, LeaseStatus::NotHeld));
+            states.push(lost(ns, &lease.resource, LeaseStatus::NotHeld));
             false
         });
         self.send(states).await;

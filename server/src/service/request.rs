@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use lockd_proto::v1 as pb;
 
+use crate::auth::Namespace;
 use crate::backend::{Backend, ExtendParams};
 use crate::config::Limits;
 use crate::error::{Error, Result};
@@ -201,9 +202,10 @@ impl Acquire {
         r: pb::AcquireRequest,
         locks: &Locks<B>,
         peer: Option<SocketAddr>,
+        ns: &Namespace,
     ) -> Result<Self> {
         let limits = locks.limits();
-        let resource = resource(r.resource)?;
+        let resource = ns.qualify(resource(r.resource)?);
         let ttl = match &r.ttl {
             Some(d) => ttl("ttl", d, limits.max_ttl)?,
             None => limits.default_ttl,
@@ -255,7 +257,7 @@ impl Acquire {
 }
 
 /// Validates a Release.
-pub fn release(r: pb::ReleaseRequest, limits: &Limits) -> Result<ReleaseParams> {
+pub fn release(r: pb::ReleaseRequest, limits: &Limits, ns: &Namespace) -> Result<ReleaseParams> {
     let keep_until = match r.keep_until {
         None => None,
         Some(t) if (0..1_000_000_000).contains(&t.nanos) => Some(
@@ -270,7 +272,7 @@ pub fn release(r: pb::ReleaseRequest, limits: &Limits) -> Result<ReleaseParams> 
         None => Duration::ZERO,
     };
     Ok(ReleaseParams {
-        resource: resource(r.resource)?,
+        resource: ns.qualify(resource(r.resource)?),
         token: required_token(r.token)?,
         keep_until,
         min_hold,
@@ -280,8 +282,8 @@ pub fn release(r: pb::ReleaseRequest, limits: &Limits) -> Result<ReleaseParams> 
 }
 
 /// Validates an Extend.
-pub fn extend(r: pb::ExtendRequest, limits: &Limits) -> Result<ExtendParams> {
-    let resource = resource(r.resource)?;
+pub fn extend(r: pb::ExtendRequest, limits: &Limits, ns: &Namespace) -> Result<ExtendParams> {
+    let resource = ns.qualify(resource(r.resource)?);
     let token = required_token(r.token)?;
     let Some(d) = &r.ttl else {
         return Err(Error::invalid(
@@ -301,7 +303,7 @@ pub fn extend(r: pb::ExtendRequest, limits: &Limits) -> Result<ExtendParams> {
 
 impl List {
     /// Validates a ListLocks.
-    pub fn parse(r: pb::ListLocksRequest) -> Result<Self> {
+    pub fn parse(r: pb::ListLocksRequest, ns: &Namespace) -> Result<Self> {
         let page_size = match r.page_size {
             0 => DEFAULT_PAGE_SIZE,
             n if n <= MAX_PAGE_SIZE => n,
@@ -313,7 +315,7 @@ impl List {
             }
         };
         Ok(Self {
-            prefix: prefix("prefix", r.prefix)?,
+            prefix: ns.qualify(prefix("prefix", r.prefix)?),
             page_size: page_size as usize,
             page_token: r.page_token,
         })
@@ -322,10 +324,10 @@ impl List {
 
 impl WatchScope {
     /// Validates a Watch: exactly one of `resource` and `prefix`.
-    pub fn parse(r: pb::WatchRequest) -> Result<Self> {
+    pub fn parse(r: pb::WatchRequest, ns: &Namespace) -> Result<Self> {
         match (r.resource.is_empty(), r.prefix.is_empty()) {
-            (false, true) => Ok(Self::Resource(resource(r.resource)?)),
-            (true, false) => Ok(Self::Prefix(prefix("prefix", r.prefix)?)),
+            (false, true) => Ok(Self::Resource(ns.qualify(resource(r.resource)?))),
+            (true, false) => Ok(Self::Prefix(ns.qualify(prefix("prefix", r.prefix)?))),
             (true, true) => Err(Error::invalid(
                 "resource",
                 "give exactly one of `resource` and `prefix` (both are empty)",
@@ -348,9 +350,9 @@ impl WatchScope {
 
 impl KeptLease {
     /// Validates a lease named in a KeepAlive message.
-    pub fn parse(r: pb::LeaseRef, limits: &Limits) -> Result<Self> {
+    pub fn parse(r: pb::LeaseRef, limits: &Limits, ns: &Namespace) -> Result<Self> {
         Ok(Self {
-            resource: resource(r.resource)?,
+            resource: ns.qualify(resource(r.resource)?),
             token: required_token(r.token)?,
             ttl: match &r.ttl {
                 Some(d) => ttl("ttl", d, limits.max_ttl)?,

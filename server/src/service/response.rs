@@ -1,9 +1,11 @@
-//! Domain → protobuf conversions. Tokens leave only inside a [`pb::Lease`].
+//! Domain → protobuf conversions. Tokens leave only inside a [`pb::Lease`]. Resource names
+//! leave as the caller's [`Namespace`] names them.
 
 use std::time::Duration;
 
 use lockd_proto::v1 as pb;
 
+use crate::auth::Namespace;
 use crate::lock::{
     AcquireOutcome, EventKind, ExtendOutcome, Holders, Lease, LeaseStatus, LockEvent, LockInfo,
     ReleaseOutcome, UnixMillis,
@@ -26,21 +28,21 @@ pub fn duration(d: Duration) -> prost_types::Duration {
 }
 
 /// The lease for its holder, token included: only Acquire answers with this.
-pub fn lease(l: Lease) -> pb::Lease {
+pub fn lease(l: Lease, ns: &Namespace) -> pb::Lease {
     pb::Lease {
         token: l.token.expose().to_owned(),
-        ..lease_without_token(l)
+        ..lease_without_token(l, ns)
     }
 }
 
 /// The lease without its token (Extend: the caller already has it).
-pub fn lease_without_token(l: Lease) -> pb::Lease {
+pub fn lease_without_token(l: Lease, ns: &Namespace) -> pb::Lease {
     pb::Lease {
         expires_at: Some(timestamp(l.expires_at)),
         ttl: Some(duration(l.ttl)),
         fencing_token: l.fencing_token,
         token: String::new(),
-        resource: l.resource,
+        resource: ns.unqualify(l.resource),
     }
 }
 
@@ -54,18 +56,18 @@ pub fn release(outcome: ReleaseOutcome) -> pb::ReleaseResponse {
 }
 
 /// The answer to an Extend (the RPC, or a Session operation).
-pub fn extend(outcome: ExtendOutcome) -> pb::ExtendResponse {
+pub fn extend(outcome: ExtendOutcome, ns: &Namespace) -> pb::ExtendResponse {
     pb::ExtendResponse {
         extended: outcome.status == LeaseStatus::Ok,
         status: lease_status(outcome.status) as i32,
         // Only Acquire returns tokens: the caller of Extend already has it.
-        lease: outcome.lease.map(lease_without_token),
+        lease: outcome.lease.map(|l| lease_without_token(l, ns)),
     }
 }
 
-pub fn lock_info(h: LockInfo) -> pb::LockInfo {
+pub fn lock_info(h: LockInfo, ns: &Namespace) -> pb::LockInfo {
     pb::LockInfo {
-        resource: h.resource,
+        resource: ns.unqualify(h.resource),
         owner: h.owner,
         fencing_token: h.fencing_token,
         acquired_at: Some(timestamp(h.acquired_at)),
@@ -82,17 +84,17 @@ pub fn lease_status(s: LeaseStatus) -> pb::LeaseStatus {
     }
 }
 
-pub fn acquire(outcome: AcquireOutcome) -> pb::AcquireResponse {
+pub fn acquire(outcome: AcquireOutcome, ns: &Namespace) -> pb::AcquireResponse {
     match outcome {
         AcquireOutcome::Acquired(l) => pb::AcquireResponse {
             acquired: true,
-            lease: Some(lease(l)),
+            lease: Some(lease(l, ns)),
             holder: None,
         },
         AcquireOutcome::Busy(b) => pb::AcquireResponse {
             acquired: false,
             lease: None,
-            holder: b.holder.map(lock_info),
+            holder: b.holder.map(|h| lock_info(h, ns)),
         },
     }
 }
@@ -109,11 +111,11 @@ pub fn is_locked(found: Option<Holders>) -> pb::IsLockedResponse {
     }
 }
 
-pub fn get_owner(found: Option<Holders>) -> pb::GetOwnerResponse {
+pub fn get_owner(found: Option<Holders>, ns: &Namespace) -> pb::GetOwnerResponse {
     match found {
         None => pb::GetOwnerResponse::default(),
         Some(h) => {
-            let holders: Vec<_> = h.holders.into_iter().map(lock_info).collect();
+            let holders: Vec<_> = h.holders.into_iter().map(|h| lock_info(h, ns)).collect();
             pb::GetOwnerResponse {
                 holder: holders.first().cloned(),
                 holders,
@@ -123,7 +125,7 @@ pub fn get_owner(found: Option<Holders>) -> pb::GetOwnerResponse {
     }
 }
 
-pub fn event(e: &LockEvent) -> pb::LockEvent {
+pub fn event(e: &LockEvent, ns: &Namespace) -> pb::LockEvent {
     pb::LockEvent {
         r#type: match e.kind {
             EventKind::Acquired => pb::LockEventType::Acquired,
@@ -131,7 +133,7 @@ pub fn event(e: &LockEvent) -> pb::LockEvent {
             EventKind::Released => pb::LockEventType::Released,
             EventKind::Expired => pb::LockEventType::Expired,
         } as i32,
-        resource: e.resource.clone(),
+        resource: ns.unqualify(e.resource.clone()),
         owner: e.owner.clone(),
         fencing_token: e.fencing_token,
         time: Some(timestamp(e.time)),

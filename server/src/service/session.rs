@@ -40,6 +40,7 @@ use tracing::info;
 
 use super::keepalive::{CALLS_IN_FLIGHT, release_on_close};
 use super::{request, response};
+use crate::auth::{Caller, Namespace};
 use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{AcquireOutcome, ExtendOutcome, LeaseStatus, ReleaseParams, Token};
@@ -114,6 +115,10 @@ pub struct Session<B> {
     heartbeats: Vec<u64>,
     /// Let leases expire instead of releasing them when the client ends the session.
     expire_on_close: Option<bool>,
+    /// Whose key opened the session: checked on every request, and the session ends when it
+    /// is revoked (its leases are then left to their TTL, as for a broken stream).
+    caller: Caller,
+    ns: Namespace,
     tx: mpsc::Sender<Result<pb::SessionResponse, Status>>,
     /// The stream's place under the stream caps, freed when the task ends.
     _permit: StreamPermit,
@@ -138,11 +143,11 @@ fn error_reply(id: u64, e: Error) -> pb::SessionResponse {
     reply(id, pb::session_response::Reply::Error(session_error(e)))
 }
 
-fn lost(bound_by: u64, resource: &str, status: LeaseStatus) -> pb::SessionLease {
+fn lost(ns: &Namespace, bound_by: u64, resource: &str, status: LeaseStatus) -> pb::SessionLease {
     info!(resource = %resource, outcome = "lost", "session");
     pb::SessionLease {
         bound_by,
-        resource: resource.to_owned(),
+        resource: ns.unqualify(resource.to_owned()),
         status: response::lease_status(status) as i32,
     }
 }
@@ -153,6 +158,7 @@ impl<B: Backend> Session<B> {
         locks: Arc<Locks<B>>,
         inbound: Streaming<pb::SessionRequest>,
         peer: Option<SocketAddr>,
+        caller: Caller,
         permit: StreamPermit,
     ) -> impl Stream<Item = Result<pb::SessionResponse, Status>> + Send + 'static {
         let (tx, rx) = mpsc::channel(REPLY_BUFFER);
@@ -167,6 +173,8 @@ impl<B: Backend> Session<B> {
             renewing: false,
             heartbeats: Vec::new(),
             expire_on_close: None,
+            ns: caller.namespace(),
+            caller,
             tx,
             _permit: permit,
         };
@@ -190,7 +198,13 @@ impl<B: Backend> Session<B> {
                 .min();
             tokio::select! {
                 msg = inbound.next(), if !ended && self.quick < OPS_IN_FLIGHT => match msg {
-                    Some(Ok(msg)) => self.begin(msg, &mut ops).await,
+                    Some(Ok(msg)) => {
+                        // A revoked key ends the session before its request does anything.
+                        if let Err(e) = self.caller.check() {
+                            return self.revoked(e).await;
+                        }
+                        self.begin(msg, &mut ops).await;
+                    }
                     // The client ended its side: finish what is in flight, then close.
                     None => ended = true,
                     // The stream broke: as for KeepAlive, the leases are left to their TTL
@@ -209,6 +223,7 @@ impl<B: Backend> Session<B> {
                     self.report_expired().await;
                 }
                 () = self.tx.closed() => return self.abandon("call_dropped_left_to_ttl"),
+                e = self.caller.revoked() => return self.revoked(e).await,
                 _ = shutdown.cancelled() => {
                     // Another lockd can take the leases over (an Extend on a new session).
                     let _ = self.tx.send(Err(Error::ShuttingDown.into())).await;
@@ -268,7 +283,7 @@ impl<B: Backend> Session<B> {
         id: u64,
         r: pb::AcquireRequest,
     ) -> Result<Option<BoxFuture<'static, Done>>> {
-        let mut req = request::Acquire::parse(r, &self.locks, self.peer)?;
+        let mut req = request::Acquire::parse(r, &self.locks, self.peer, &self.ns)?;
         self.reserve()?;
         req.params.renewer = Some(self.id.clone());
         let waited = !req.wait.is_zero();
@@ -293,7 +308,7 @@ impl<B: Backend> Session<B> {
         id: u64,
         r: pb::ReleaseRequest,
     ) -> Result<Option<BoxFuture<'static, Done>>> {
-        let params = request::release(r, self.locks.limits())?;
+        let params = request::release(r, self.locks.limits(), &self.ns)?;
         // No longer kept: a heartbeat or the close must not touch it from now on.
         self.leases
             .remove(&(params.resource.clone(), params.token.expose().to_owned()));
@@ -313,7 +328,7 @@ impl<B: Backend> Session<B> {
         id: u64,
         r: pb::ExtendRequest,
     ) -> Result<Option<BoxFuture<'static, Done>>> {
-        let mut params = request::extend(r, self.locks.limits())?;
+        let mut params = request::extend(r, self.locks.limits(), &self.ns)?;
         let key = (params.resource.clone(), params.token.expose().to_owned());
         let reserved = !self.leases.contains_key(&key);
         if reserved {
@@ -394,7 +409,9 @@ impl<B: Backend> Session<B> {
                         }
                         reply(
                             id,
-                            pb::session_response::Reply::Acquire(response::acquire(outcome)),
+                            pb::session_response::Reply::Acquire(response::acquire(
+                                outcome, &self.ns,
+                            )),
                         )
                     }
                     Err(e) => error_reply(id, e),
@@ -424,7 +441,9 @@ impl<B: Backend> Session<B> {
                         }
                         reply(
                             id,
-                            pb::session_response::Reply::Extend(response::extend(outcome)),
+                            pb::session_response::Reply::Extend(response::extend(
+                                outcome, &self.ns,
+                            )),
                         )
                     }
                     Err(e) => error_reply(id, e),
@@ -495,7 +514,9 @@ impl<B: Backend> Session<B> {
                 }
                 Ok(outcome) => {
                     self.leases.remove(&key);
-                    answer.lost.push(lost(bound_by, &key.0, outcome.status));
+                    answer
+                        .lost
+                        .push(lost(&self.ns, bound_by, &key.0, outcome.status));
                 }
                 Err(e) => failure = Some(session_error(e)),
             }
@@ -510,11 +531,12 @@ impl<B: Backend> Session<B> {
     async fn report_expired(&mut self) {
         let now = Instant::now();
         let mut leases = Vec::new();
+        let ns = &self.ns;
         self.leases.retain(|key, b| {
             if b.end > now || b.renewing {
                 return true;
             }
-            leases.push(lost(b.bound_by, &key.0, LeaseStatus::NotHeld));
+            leases.push(lost(ns, b.bound_by, &key.0, LeaseStatus::NotHeld));
             false
         });
         if !leases.is_empty() {
@@ -528,6 +550,13 @@ impl<B: Backend> Session<B> {
 
     async fn send(&self, msg: pb::SessionResponse) {
         let _ = self.tx.send(Ok(msg)).await;
+    }
+
+    /// The caller's key was revoked: the session ends with `UNAUTHENTICATED`, its operations
+    /// in flight are cancelled, and its leases are left to their TTL.
+    async fn revoked(&self, e: Error) {
+        self.abandon("key_revoked_left_to_ttl");
+        let _ = self.tx.send(Err(e.into())).await;
     }
 
     /// The stream ended abnormally: its leases are left to their TTL.
