@@ -12,6 +12,7 @@ mod tls;
 mod auth;
 mod backend_semantics;
 mod bad_input;
+mod bad_metadata;
 mod client;
 mod conformance;
 mod contention;
