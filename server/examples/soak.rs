@@ -70,6 +70,26 @@ async fn connect(endpoint: &str) -> Client {
     lockd_client::connect(endpoint.to_owned()).await.unwrap()
 }
 
+/// Acquires with `req`, and when granted holds the lock for `hold`, then releases it.
+async fn acquire_hold_release(
+    c: &mut Client,
+    req: AcquireRequest,
+    hold: Duration,
+) -> Result<(), tonic::Status> {
+    let resource = req.resource.clone();
+    let reply = c.acquire(req).await?.into_inner();
+    if let Some(lease) = reply.lease {
+        sleep(hold).await;
+        c.release(ReleaseRequest {
+            resource,
+            token: lease.token,
+            ..Default::default()
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// Acquire, hold a moment, release, on 200 resources.
 async fn locker(endpoint: String, id: u64, counts: Arc<Counts>, stop: Arc<AtomicBool>) {
     let mut c = connect(&endpoint).await;
@@ -78,30 +98,14 @@ async fn locker(endpoint: String, id: u64, counts: Arc<Counts>, stop: Arc<Atomic
         i = i
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let resource = format!("soak/lock/{}", (i >> 33) % 200);
-        let r = async {
-            let reply = c
-                .acquire(AcquireRequest {
-                    resource: resource.clone(),
-                    ttl: dur(5.0),
-                    owner: format!("locker-{id}"),
-                    labels: [("job".to_owned(), "soak".to_owned())].into(),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            if let Some(lease) = reply.lease {
-                sleep(Duration::from_millis(1)).await;
-                c.release(ReleaseRequest {
-                    resource,
-                    token: lease.token,
-                    ..Default::default()
-                })
-                .await?;
-            }
-            Ok(())
-        }
-        .await;
+        let req = AcquireRequest {
+            resource: format!("soak/lock/{}", (i >> 33) % 200),
+            ttl: dur(5.0),
+            owner: format!("locker-{id}"),
+            labels: [("job".to_owned(), "soak".to_owned())].into(),
+            ..Default::default()
+        };
+        let r = acquire_hold_release(&mut c, req, Duration::from_millis(1)).await;
         note(&counts, r);
     }
 }
@@ -110,30 +114,14 @@ async fn locker(endpoint: String, id: u64, counts: Arc<Counts>, stop: Arc<Atomic
 async fn waiter(endpoint: String, id: u64, counts: Arc<Counts>, stop: Arc<AtomicBool>) {
     let mut c = connect(&endpoint).await;
     while !stop.load(Ordering::Relaxed) {
-        let resource = format!("soak/hot/{}", id % 4);
-        let r = async {
-            let reply = c
-                .acquire(AcquireRequest {
-                    resource: resource.clone(),
-                    ttl: dur(5.0),
-                    wait_timeout: dur(0.3),
-                    fair: id.is_multiple_of(2),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            if let Some(lease) = reply.lease {
-                sleep(Duration::from_millis(3)).await;
-                c.release(ReleaseRequest {
-                    resource,
-                    token: lease.token,
-                    ..Default::default()
-                })
-                .await?;
-            }
-            Ok(())
-        }
-        .await;
+        let req = AcquireRequest {
+            resource: format!("soak/hot/{}", id % 4),
+            ttl: dur(5.0),
+            wait_timeout: dur(0.3),
+            fair: id.is_multiple_of(2),
+            ..Default::default()
+        };
+        let r = acquire_hold_release(&mut c, req, Duration::from_millis(3)).await;
         note(&counts, r);
     }
 }
