@@ -284,3 +284,48 @@ async fn over_the_in_flight_cap_lockd_answers_at_once_and_health_still_answers()
     .await
     .expect("the cap frees up when the calls end");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keepalive_stream_over_its_lease_cap_is_told_resource_exhausted() {
+    let s = Setup::with_env(Store::Memory, &[("LOCKD_MAX_STREAM_LEASES", "2")]).await;
+    let mut c = s.client().await;
+    let lease = |i: usize| lockd_client::proto::LeaseRef {
+        resource: format!("kept/{i}"),
+        token: format!("t{i}"),
+        ttl: Some(secs(5.0)),
+    };
+    for i in 0..3 {
+        let granted = c
+            .acquire(AcquireRequest {
+                resource: format!("kept/{i}"),
+                token: format!("t{i}"),
+                ttl: Some(secs(5.0)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(granted.acquired);
+    }
+    let (tx, rx) = mpsc::channel(4);
+    let mut replies = c
+        .keep_alive(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Two leases fit; a third, in a later message, goes over the stream's cap.
+    tx.send(KeepAliveRequest {
+        keep: vec![lease(0), lease(1)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    replies.message().await.unwrap();
+    tx.send(KeepAliveRequest {
+        keep: vec![lease(2)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    exhausted(replies.message().await, "LOCKD_MAX_STREAM_LEASES=2");
+}
