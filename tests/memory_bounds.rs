@@ -33,8 +33,11 @@ fn assert_growth(what: &str, before: f64, after: f64, bound_mib: f64) {
 }
 
 async fn still_serves(lockd: &Lockd) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut c = lockd.client().await;
-    assert!(try_acquire(&mut c, "still-serving", 1.0).await.acquired);
+    let resource = format!("still-serving/{n}");
+    assert!(try_acquire(&mut c, &resource, 1.0).await.acquired);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,4 +213,64 @@ async fn thousands_of_idle_connections_hold_bounded_memory_and_are_capped() {
     drop((idle, over));
     still_serves(&s.lockd).await;
     drop(clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_zero_flow_control_windows_holds_bounded_memory() {
+    let s = Setup::new(Store::Memory).await;
+    still_serves(&s.lockd).await;
+    let before = rss_mib(&s.lockd);
+    // A client that grants lockd no window at all: every answer stalls after its headers.
+    let channel = tonic::transport::Endpoint::from_shared(s.lockd.endpoint())
+        .unwrap()
+        .initial_stream_window_size(Some(0))
+        .initial_connection_window_size(Some(0))
+        .connect()
+        .await
+        .unwrap();
+    let stalled = lockd_client::proto::LockServiceClient::new(channel);
+    let mut calls = Vec::new();
+    for i in 0..1_000 {
+        let mut c = stalled.clone();
+        calls.push(tokio::spawn(async move {
+            c.is_locked(lockd_client::proto::IsLockedRequest {
+                resource: format!("z/{i}"),
+            })
+            .await
+        }));
+    }
+    let mut watches = Vec::new();
+    for _ in 0..200 {
+        let mut c = stalled.clone();
+        watches.push(tokio::spawn(async move {
+            c.watch(WatchRequest {
+                resource: String::new(),
+                prefix: "z/".into(),
+            })
+            .await
+        }));
+    }
+    // Events for the stalled watchers.
+    let mut c = s.client().await;
+    for i in 0..2_000 {
+        let lease = acquire_ok(&mut c, &format!("z/{i}"), 30.0).await;
+        release(&mut c, &lease).await;
+    }
+    let after = rss_mib(&s.lockd);
+    assert_growth(
+        "1,000 calls and 200 Watch streams stalled by zero windows, 4,000 events",
+        before,
+        after,
+        64.0,
+    );
+    // Other clients are served meanwhile, and dropping the stalled client frees everything.
+    still_serves(&s.lockd).await;
+    for call in calls {
+        call.abort();
+    }
+    for watch in watches {
+        watch.abort();
+    }
+    drop(stalled);
+    still_serves(&s.lockd).await;
 }
