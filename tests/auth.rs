@@ -23,7 +23,7 @@ use crate::support::*;
 /// One `[[keys]]` entry: name, namespace, access, and the key itself (the file gets its hash).
 type Key<'a> = (&'a str, &'a str, &'a str, &'a str);
 
-fn write_auth_file(path: &Path, keys: &[Key<'_>]) {
+pub(crate) fn write_auth_file(path: &Path, keys: &[Key<'_>]) {
     let text: String = keys
         .iter()
         .map(|(name, ns, access, key)| {
