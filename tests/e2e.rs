@@ -29,6 +29,7 @@ mod node;
 mod operations;
 mod python;
 mod redis_safety;
+mod redis_tls;
 mod replicas;
 mod scheduler;
 mod semaphore;

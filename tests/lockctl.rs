@@ -427,3 +427,34 @@ async fn lockctl_run_passes_sigterm_on_and_releases_after_the_command_exits() {
         "deploy is free"
     );
 }
+
+/// With an auth file, every lockctl command sends its key (`run` too, which renews on a
+/// Session): the lock lands in the key's namespace, and a wrong key fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lockctl_sends_its_api_key_on_every_command_including_run() {
+    let redis = RedisServer::start().await;
+    let file = scratch_dir("lockctl-auth").join("auth.toml");
+    crate::auth::write_auth_file(&file, &[("ops", "ops-team", "write", "test-key")]);
+    let lockd =
+        Lockd::start_with(Some(&redis), &[("LOCKD_AUTH_FILE", file.to_str().unwrap())]).await;
+    let (code, out, err) = run(
+        &lockd,
+        &["run", "job", "--", "sh", "-c", "echo $LOCKD_FENCING_TOKEN"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.trim().parse::<u64>().unwrap() > 0, "{out}");
+    let (code, _, err) = run(&lockd, &["acquire", "held", "--ttl", "30s"]).await;
+    assert_eq!(code, 0, "{err}");
+    let keys = redis.keys().await;
+    assert!(keys.iter().any(|k| k.contains("ops-team:held")), "{keys:?}");
+    let out = lockctl(&lockd)
+        .env("LOCKD_API_KEY", "wrong-key")
+        .args(["get", "held"])
+        .output()
+        .await
+        .unwrap();
+    let (code, _, err) = text(out);
+    assert_ne!(code, 0);
+    assert!(err.to_lowercase().contains("unknown api key"), "{err}");
+}

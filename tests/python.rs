@@ -645,3 +645,47 @@ fn python_stubs_are_generated_from_the_current_proto() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The Python client with an API key: locks land in the key's namespace; a wrong key is
+/// refused with UNAUTHENTICATED.
+const API_KEY_CHECKS: &str = r#"
+import sys, grpc, lockd
+target, key = sys.argv[1], sys.argv[2]
+with lockd.lockd_lock(target, "py-job", ttl=10, api_key=key) as lock:
+    assert lock, "not acquired"
+    print("acquired", lock.fencing_token)
+try:
+    with lockd.lockd_lock(target, "py-job", ttl=10, api_key="lockd_wrong_key", retries=0):
+        pass
+    print("wrong key let in")
+except grpc.RpcError as e:
+    print("refused", e.code().name)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_lock_sends_its_api_key_and_lands_in_the_keys_namespace() {
+    venv_python();
+    let redis = RedisServer::start().await;
+    let file = scratch_dir("py-auth").join("auth.toml");
+    let key = "lockd_python_test_key";
+    crate::auth::write_auth_file(&file, &[("py", "python-team", "write", key)]);
+    let lockd =
+        Lockd::start_with(Some(&redis), &[("LOCKD_AUTH_FILE", file.to_str().unwrap())]).await;
+    let out = python(&["-c", API_KEY_CHECKS, &lockd.addr(), key])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("acquired")
+            && stdout.contains("refused UNAUTHENTICATED"),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let keys = redis.keys().await;
+    assert!(
+        keys.iter().any(|k| k.contains("python-team:py-job")),
+        "{keys:?}"
+    );
+}

@@ -286,6 +286,12 @@ pub struct RedisConfig {
     pub min_replica_acks: u32,
     /// How long to wait for them.
     pub replica_ack_timeout: Duration,
+    /// The Redis ACL user (REDIS_USERNAME), outside REDIS_URL.
+    pub username: Option<String>,
+    /// TLS to the nodes (REDIS_TLS), outside REDIS_URL (which says it with rediss://).
+    pub tls: bool,
+    /// The private CA that signs the nodes' certificates (REDIS_TLS_CA).
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -298,6 +304,9 @@ impl std::fmt::Debug for RedisConfig {
             .field("allow_evicting", &self.allow_evicting)
             .field("min_replica_acks", &self.min_replica_acks)
             .field("replica_ack_timeout", &self.replica_ack_timeout)
+            .field("username", &self.username)
+            .field("tls", &self.tls)
+            .field("tls_ca", &self.tls_ca)
             .finish()
     }
 }
@@ -560,24 +569,39 @@ impl Config {
             let url = match (&self.redis_url, &self.redis_host) {
                 (Some(url), _) if !url.is_empty() => url.clone(),
                 (_, Some(host)) if !host.is_empty() => {
-                    let auth = match &password {
-                        Some(p) => format!(":{}@", percent_encode(p)),
-                        None => String::new(),
+                    let user = self.redis_username.as_deref().map(percent_encode);
+                    let auth = match (&user, &password) {
+                        (user, Some(p)) => {
+                            format!("{}:{}@", user.as_deref().unwrap_or(""), percent_encode(p))
+                        }
+                        (Some(u), None) => format!("{u}@"),
+                        (None, None) => String::new(),
                     };
-                    format!("redis://{auth}{host}:{}/{}", self.redis_port, self.redis_db)
+                    let scheme = if self.redis_tls { "rediss" } else { "redis" };
+                    format!(
+                        "{scheme}://{auth}{host}:{}/{}",
+                        self.redis_port, self.redis_db
+                    )
                 }
                 _ => return None,
             };
             RedisTarget::Single { url }
         };
         Some(RedisConfig {
-            target,
+            target: target.clone(),
             pool_size: self.redis_pool_size as usize,
             timeout: self.redis_timeout,
             key_prefix: self.key_prefix.clone(),
             allow_evicting: self.allow_evicting_redis,
             min_replica_acks: self.min_replica_acks,
             replica_ack_timeout: self.replica_ack_timeout,
+            // In single mode the URL carries both (rediss://user:password@...).
+            username: match &target {
+                RedisTarget::Single { .. } => None,
+                _ => self.redis_username.clone().filter(|u| !u.is_empty()),
+            },
+            tls: self.redis_tls && !matches!(target, RedisTarget::Single { .. }),
+            tls_ca: self.redis_tls_ca.clone(),
         })
     }
 

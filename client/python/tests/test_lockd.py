@@ -88,3 +88,27 @@ def test_the_package_is_typed() -> None:
     package = os.path.dirname(lockd.__file__)
     assert os.path.exists(os.path.join(package, "py.typed"))
     assert os.path.exists(os.path.join(package, "v1", "lock_pb2.pyi"))
+
+
+def test_a_lock_granted_late_in_a_long_wait_is_renewed_at_once_not_reported_lost(target: str) -> None:
+    # The holder keeps the lock for 0.8 s of the waiter's 1 s TTL: the waiter's lease, counted
+    # from its Acquire's send, has at most 0.2 s left when granted; a first renewal a third of a
+    # TTL later would come too late and report a loss that did not happen.
+    with lockd.lockd_lock(target, "late-grant", ttl=5, min_hold=0.8) as first:
+        assert first
+    with lockd.lockd_lock(target, "late-grant", ttl=1, wait=5) as late:
+        assert late
+        time.sleep(1.5)
+        assert not late.lost.is_set()
+
+
+def test_an_async_lock_granted_late_in_a_long_wait_is_renewed_at_once(target: str) -> None:
+    async def main() -> None:
+        async with lockd.lock(target, "aio-late-grant", ttl=5, min_hold=0.8) as first:
+            assert first
+        async with lockd.lock(target, "aio-late-grant", ttl=1, wait=5) as late:
+            assert late
+            await asyncio.sleep(1.5)
+            assert not late.lost.is_set()
+
+    asyncio.run(main())

@@ -37,6 +37,9 @@ struct Args {
     /// lockd's address.
     #[arg(long, env = "LOCKD_ENDPOINT", default_value = "http://127.0.0.1:50051")]
     endpoint: String,
+    /// The API key, for a lockd with an auth file (sent as `authorization: Bearer <key>`).
+    #[arg(long, env = "LOCKD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// This instance's name, shown to the others when they skip a job. Default: <host>-<pid>.
     #[arg(long, env = "SCHEDULER_INSTANCE")]
     instance: Option<String>,
@@ -69,13 +72,14 @@ async fn main() -> ExitCode {
         .with_ansi(false)
         .init();
     let instance = args.instance.unwrap_or_else(default_instance);
-    let client = match LockClient::builder(args.endpoint)
-        .owner(instance.clone())
-        .connect_lazy()
-    {
+    let mut builder = LockClient::builder(args.endpoint).owner(instance.clone());
+    if let Some(key) = &args.api_key {
+        builder = builder.api_key(key);
+    }
+    let client = match builder.connect_lazy() {
         Ok(client) => client,
         Err(error) => {
-            tracing::error!(%error, "bad lockd endpoint");
+            tracing::error!(%error, "bad lockd endpoint or API key");
             return ExitCode::FAILURE;
         }
     };

@@ -817,6 +817,9 @@ mod tests {
             allow_evicting: false,
             min_replica_acks: 0,
             replica_ack_timeout: Duration::from_millis(500),
+            username: None,
+            tls: false,
+            tls_ca: None,
         };
         let shutdown = CancellationToken::new();
         let backend =
@@ -876,6 +879,9 @@ mod tests {
                 allow_evicting: false,
                 min_replica_acks: 0,
                 replica_ack_timeout: Duration::from_millis(500),
+                username: None,
+                tls: false,
+                tls_ca: None,
             };
             let shutdown = CancellationToken::new();
             let backend =

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from typing import Optional, Sequence, Tuple, Union
 
 import grpc
@@ -53,3 +54,10 @@ def tls_credentials(
     """TLS credentials from PEM bytes: the CA that signed lockd's certificate (None: the
     system's roots) and, for servers that require one, a client key and certificate."""
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def first_renewal(valid_until: float, ttl: float) -> float:
+    """Seconds until the first renewal: when a third of the TTL is used, counted from the send
+    of the Acquire. After a long wait that is now: the lease was granted late in the wait, but
+    only its send time is known, so the lease may have less left than a fresh one."""
+    return max(0.0, valid_until - time.monotonic() - 2 * ttl / 3)

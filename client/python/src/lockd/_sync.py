@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar, Union
 
 import grpc
 
-from ._common import RETRYABLE, Metadata, Tls, credentials, duration, metadata
+from ._common import RETRYABLE, Metadata, Tls, credentials, duration, first_renewal, metadata
 from ._common import backoff as _delay
 from .v1 import lock_pb2, lock_pb2_grpc
 
@@ -95,7 +95,7 @@ class _Renewer(threading.Thread):
 
     def run(self) -> None:
         """The renewal loop. Each attempt is bounded by the time the lease surely has left."""
-        delay, failures = self.ttl / 3, 0
+        delay, failures = first_renewal(self.valid_until, self.ttl), 0
         while not self.stop.wait(delay):
             sent = time.monotonic()
             left = self.valid_until - sent

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, T
 import grpc
 import grpc.aio
 
-from ._common import RETRYABLE, Metadata, Tls, credentials, duration, metadata
+from ._common import RETRYABLE, Metadata, Tls, credentials, duration, first_renewal, metadata
 from ._common import backoff as _delay
 from ._sync import Lock
 from .v1 import lock_pb2, lock_pb2_grpc
@@ -60,7 +60,7 @@ async def _renew(stub: Any, lock: AsyncLock, token: str, ttl: float, valid_until
                  rpc_timeout: float, backoff: float, call_metadata: Metadata) -> None:
     """Extends the lease every ``ttl / 3`` until cancelled; sets ``lock.lost`` when it cannot.
     ``valid_until`` is a ``time.monotonic()`` before which the lease surely still holds."""
-    delay, failures = ttl / 3, 0
+    delay, failures = first_renewal(valid_until, ttl), 0
     while True:
         await asyncio.sleep(delay)
         sent = time.monotonic()

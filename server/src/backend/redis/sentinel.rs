@@ -21,7 +21,7 @@ use deadpool_redis::redis::{self, AsyncConnectionConfig, ConnectionInfo, Value};
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use super::topology::node_info;
+use super::topology::NodeAccess;
 use crate::error::{Error, Result};
 
 /// How often the sentinels are asked for the master, besides listening for switches.
@@ -38,8 +38,11 @@ struct Master {
 /// The sentinels of one master, and what lockd last learned from them.
 pub(crate) struct Sentinel {
     sentinels: Vec<ConnectionInfo>,
+    /// How to reach the sentinels.
+    sentinel_access: NodeAccess,
     name: String,
-    password: Option<String>,
+    /// How to reach the master.
+    access: NodeAccess,
     db: u32,
     timeout: Duration,
     /// Counts the master switches seen; connections remember the epoch they were opened in.
@@ -53,15 +56,17 @@ pub(crate) struct Sentinel {
 impl Sentinel {
     pub(super) fn new(
         sentinels: Vec<ConnectionInfo>,
+        sentinel_access: NodeAccess,
         name: String,
-        password: Option<String>,
+        access: NodeAccess,
         db: u32,
         timeout: Duration,
     ) -> Result<Self, redis::RedisError> {
         Ok(Self {
             sentinels,
+            sentinel_access,
             name,
-            password,
+            access,
             db,
             timeout,
             epoch: AtomicU64::new(0),
@@ -83,7 +88,9 @@ impl Sentinel {
     /// Asks one sentinel for the master, with `SENTINEL MASTER`.
     async fn ask_one(&self, info: &ConnectionInfo) -> Result<Master> {
         let asked = async {
-            let mut conn = redis::Client::open(info.clone())?
+            let mut conn = self
+                .sentinel_access
+                .client(info.clone())?
                 .get_multiplexed_async_connection()
                 .await?;
             let fields: HashMap<String, String> = redis::cmd("SENTINEL")
@@ -203,8 +210,9 @@ impl Sentinel {
         let master = self.ask().await?;
         let epoch = self.epoch();
         let (host, port) = &master.addr;
-        let client =
-            redis::Client::open(node_info(host, *port, self.password.as_deref(), self.db)?)?;
+        let client = self
+            .access
+            .client(self.access.info(host, *port, self.db)?)?;
         let mut conn = client
             .get_multiplexed_async_connection_with_config(config)
             .await?;
@@ -231,8 +239,8 @@ impl Sentinel {
     pub(super) async fn master_pubsub(&self) -> Result<PubSub> {
         let master = self.ask().await?;
         let (host, port) = &master.addr;
-        let info = node_info(host, *port, self.password.as_deref(), self.db)?;
-        Ok(redis::Client::open(info)?.get_async_pubsub().await?)
+        let info = self.access.info(host, *port, self.db)?;
+        Ok(self.access.client(info)?.get_async_pubsub().await?)
     }
 
     /// Follows failovers until `shutdown`: listens for `+switch-master` on every sentinel and
@@ -282,7 +290,9 @@ async fn listen(
     let mut backoff = Duration::from_millis(100);
     loop {
         let subscribed = async {
-            let mut pubsub = redis::Client::open(info.clone())?
+            let mut pubsub = sentinel
+                .sentinel_access
+                .client(info.clone())?
                 .get_async_pubsub()
                 .await?;
             pubsub.subscribe("+switch-master").await?;

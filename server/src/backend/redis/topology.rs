@@ -141,24 +141,68 @@ pub(super) enum Topology {
         /// The seed nodes, for pub/sub (classic `PUBLISH` reaches every node of a cluster, so
         /// a subscription through any one node hears every lockd's messages).
         seeds: Vec<ConnectionInfo>,
-        /// The nodes' password.
-        password: Option<String>,
+        /// How to reach the nodes.
+        access: NodeAccess,
     },
 }
 
-/// The connection settings of node `host:port`, with the nodes' password and database.
-pub(super) fn node_info(
-    host: &str,
-    port: u16,
-    password: Option<&str>,
-    db: u32,
-) -> Result<ConnectionInfo, RedisError> {
-    let addr = ConnectionAddr::Tcp(host.to_owned(), port);
-    let mut settings = redis::RedisConnectionInfo::default().set_db(i64::from(db));
-    if let Some(p) = password {
-        settings = settings.set_password(p);
+/// How lockd reaches a set of Redis nodes (the data nodes, or the sentinels): their ACL user
+/// and password, and TLS. Debug never shows the password.
+#[derive(Clone, Default)]
+pub(crate) struct NodeAccess {
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+    /// Connect over TLS.
+    pub(crate) tls: bool,
+    /// The CA certificates (PEM) that sign the nodes' certificates, instead of the system's.
+    pub(crate) ca: Option<Vec<u8>>,
+}
+
+impl NodeAccess {
+    /// The connection settings of node `host:port` in database `db`.
+    pub(crate) fn info(
+        &self,
+        host: &str,
+        port: u16,
+        db: u32,
+    ) -> Result<ConnectionInfo, RedisError> {
+        let addr = if self.tls {
+            ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: false,
+                tls_params: None,
+            }
+        } else {
+            ConnectionAddr::Tcp(host.to_owned(), port)
+        };
+        let mut settings = redis::RedisConnectionInfo::default().set_db(i64::from(db));
+        if let Some(u) = &self.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &self.password {
+            settings = settings.set_password(p);
+        }
+        Ok(addr.into_connection_info()?.set_redis_settings(settings))
     }
-    Ok(addr.into_connection_info()?.set_redis_settings(settings))
+
+    /// A client for `info`, trusting the private CA when one is set.
+    pub(crate) fn client(
+        &self,
+        info: impl redis::IntoConnectionInfo,
+    ) -> Result<redis::Client, RedisError> {
+        match &self.ca {
+            Some(ca) => redis::Client::build_with_tls(info, self.certificates(ca)),
+            None => redis::Client::open(info),
+        }
+    }
+
+    fn certificates(&self, ca: &[u8]) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.to_vec()),
+        }
+    }
 }
 
 impl Topology {
@@ -171,8 +215,24 @@ impl Topology {
                 format!("{what} `{addr}`"),
             ))
         };
+        let ca = match &config.tls_ca {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                RedisError::from((
+                    ErrorKind::InvalidClientConfig,
+                    "cannot read REDIS_TLS_CA",
+                    format!("{}: {e}", path.display()),
+                ))
+            })?),
+            None => None,
+        };
+        let access = |password: &Option<String>| NodeAccess {
+            username: config.username.clone(),
+            password: password.clone(),
+            tls: config.tls,
+            ca: ca.clone(),
+        };
         Ok(match &config.target {
-            RedisTarget::Single { url } => Self::Single(redis::Client::open(url.as_str())?),
+            RedisTarget::Single { url } => Self::Single(access(&None).client(url.as_str())?),
             RedisTarget::Sentinel {
                 sentinels,
                 master,
@@ -180,33 +240,45 @@ impl Topology {
                 password,
                 db,
             } => {
+                // Sentinels take no ACL user here: only their password (`requirepass`).
+                let sentinel_access = NodeAccess {
+                    username: None,
+                    ..access(sentinel_password)
+                };
                 let mut infos = Vec::new();
                 for s in sentinels {
                     let (host, port) = parse_host_port(s).ok_or_else(|| bad("sentinel", s))?;
-                    infos.push(node_info(&host, port, sentinel_password.as_deref(), 0)?);
+                    infos.push(sentinel_access.info(&host, port, 0)?);
                 }
                 Self::Sentinel(Arc::new(Sentinel::new(
                     infos,
+                    sentinel_access,
                     master.clone(),
-                    password.clone(),
+                    access(password),
                     *db,
                     config.timeout,
                 )?))
             }
             RedisTarget::Cluster { nodes, password } => {
+                let access = access(password);
                 let mut seeds = Vec::new();
                 for n in nodes {
                     let (host, port) = parse_host_port(n).ok_or_else(|| bad("cluster node", n))?;
-                    seeds.push(node_info(&host, port, password.as_deref(), 0)?);
+                    seeds.push(access.info(&host, port, 0)?);
                 }
-                let client = ClusterClientBuilder::new(seeds.clone())
+                let mut builder = ClusterClientBuilder::new(seeds.clone())
                     .connection_timeout(config.timeout)
-                    .response_timeout(config.timeout)
-                    .build()?;
+                    .response_timeout(config.timeout);
+                if access.tls {
+                    builder = builder.tls(redis::cluster::TlsMode::Secure);
+                }
+                if let Some(ca) = &access.ca {
+                    builder = builder.certs(access.certificates(ca));
+                }
                 Self::Cluster {
-                    client: Box::new(client),
+                    client: Box::new(builder.build()?),
                     seeds,
-                    password: password.clone(),
+                    access,
                 }
             }
         })
@@ -240,21 +312,21 @@ impl Topology {
         match self {
             Self::Single(client) => Ok(client.get_async_pubsub().await?),
             Self::Sentinel(s) => s.master_pubsub().await,
-            Self::Cluster { seeds, .. } => {
+            Self::Cluster { seeds, access, .. } => {
                 let info = seeds[attempt % seeds.len()].clone();
-                Ok(redis::Client::open(info)?.get_async_pubsub().await?)
+                Ok(access.client(info)?.get_async_pubsub().await?)
             }
         }
     }
 
     /// A pub/sub connection to the cluster node at `host:port`.
     pub(super) async fn node_pubsub(&self, host: &str, port: u16) -> Result<PubSub> {
-        let password = match self {
-            Self::Cluster { password, .. } => password.as_deref(),
-            _ => None,
+        let access = match self {
+            Self::Cluster { access, .. } => access.clone(),
+            _ => NodeAccess::default(),
         };
-        let info = node_info(host, port, password, 0)?;
-        Ok(redis::Client::open(info)?.get_async_pubsub().await?)
+        let info = access.info(host, port, 0)?;
+        Ok(access.client(info)?.get_async_pubsub().await?)
     }
 
     /// Whether this is a Redis Cluster.
