@@ -132,7 +132,7 @@ pub struct Config {
     #[arg(long, env = "LOCKD_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
-    /// Largest request message, in bytes; larger ones are answered RESOURCE_EXHAUSTED.
+    /// Largest request message, in bytes; larger ones are answered OUT_OF_RANGE (tonic's code).
     #[arg(long, env = "LOCKD_MAX_MESSAGE_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(4096..=(64 << 20)))]
     pub max_message_bytes: u32,
 
