@@ -122,6 +122,22 @@ pub struct Config {
     /// then both hold one). Without this flag lockd refuses to start against such a Redis.
     #[arg(long, env = "LOCKD_ALLOW_EVICTING_REDIS", value_parser = clap::builder::FalseyValueParser::new())]
     pub allow_evicting_redis: bool,
+
+    /// Serve Prometheus metrics on http://<this address>/metrics (e.g. 0.0.0.0:9090). Off by
+    /// default.
+    #[arg(long, env = "LOCKD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Resource-name prefixes that label lock metrics (e.g. nightly-,report-): a resource is
+    /// counted under the first one it starts with. Resource names never become labels
+    /// otherwise (they are unbounded).
+    #[arg(long, env = "LOCKD_METRICS_RESOURCE_PREFIXES", value_delimiter = ',')]
+    pub metrics_resource_prefixes: Vec<String>,
+
+    /// Export each RPC's trace span over OTLP/gRPC to this collector (e.g.
+    /// http://127.0.0.1:4317). Off by default; needs a lockd built with the `otlp` feature.
+    #[arg(long, env = "LOCKD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How log lines are written to stderr.
@@ -265,6 +281,18 @@ impl Config {
     /// The first broken rule, as a message for the operator.
     pub fn validate(&self) -> Result<(), String> {
         let rule = |setting: &str, rule: &str| Err(format!("{setting}: {rule}"));
+        if self.otlp_endpoint.is_some() && !cfg!(feature = "otlp") {
+            return rule(
+                "LOCKD_OTLP_ENDPOINT (--otlp-endpoint)",
+                "this lockd was built without the `otlp` feature (cargo build --features otlp)",
+            );
+        }
+        if self.metrics_resource_prefixes.len() > 100 {
+            return rule(
+                "LOCKD_METRICS_RESOURCE_PREFIXES (--metrics-resource-prefixes)",
+                "at most 100 prefixes (each one multiplies the lock metrics' series)",
+            );
+        }
         if self.max_ttl < Duration::from_millis(1) || self.max_ttl > MAX_DURATION_SETTING {
             return rule(
                 "LOCKD_MAX_TTL (--max-ttl)",

@@ -10,6 +10,7 @@
 //! - [`service`]: the gRPC adapter: parse the request, call the core, convert the result.
 //! - [`error`]: the crate's error and its one mapping to `tonic::Status`.
 //! - [`health`], [`shutdown`], [`telemetry`]: running as a well-behaved server.
+//! - [`metrics`]: the Prometheus metrics (`--metrics-listen`); the lock core records them.
 //!
 //! [`run`] binds the configured address; [`serve`] takes a listener, which is the seam tests use.
 
@@ -20,6 +21,7 @@ pub mod events;
 pub mod health;
 pub mod lock;
 pub mod locks;
+pub mod metrics;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
@@ -37,6 +39,7 @@ use crate::backend::{Backend, MemoryBackend, RedisBackend};
 pub use crate::config::Config;
 use crate::events::Events;
 use crate::locks::Locks;
+use crate::locks::held::HeldLeases;
 use crate::locks::waiters::Waiters;
 use crate::service::LockService;
 
@@ -65,6 +68,9 @@ pub async fn serve(
     signal: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     config.validate()?;
+    if let Some(listen) = config.metrics_listen {
+        metrics::install(listen)?;
+    }
     let shutdown = CancellationToken::new();
     let hub = Hub {
         waiters: Arc::default(),
@@ -144,6 +150,10 @@ async fn serve_backend<B: Backend>(
     let reflection_v1alpha =
         reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
 
+    let held = HeldLeases::new(
+        config.metrics_listen.is_some(),
+        metrics::Prefixes::new(&config.metrics_resource_prefixes),
+    );
     let locks = Locks::new(
         backend,
         waiters,
@@ -151,12 +161,14 @@ async fn serve_backend<B: Backend>(
         config.limits(),
         config.instance_id(),
         shutdown.clone(),
+        Arc::new(held),
     );
     let service = LockService::new(Arc::new(locks));
     let addr = listener.local_addr()?;
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(%addr, workers, "lockd listening");
     let server = tonic::transport::Server::builder()
+        .layer(telemetry::RpcLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -22,6 +22,7 @@ use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{LeaseStatus, ReleaseParams};
 use crate::locks::{Locks, ReleaseVia};
+use crate::metrics::{self, OpenStream};
 
 /// Backend calls one stream makes at once when it renews or releases its leases, so one
 /// message cannot flood the backend however many leases it names.
@@ -38,6 +39,8 @@ pub struct Session<B> {
     /// Let leases expire instead of releasing them when the stream ends (from the first message).
     expire_on_close: Option<bool>,
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
+    /// Counts the stream in `lockd_open_streams` while it lives.
+    _open: OpenStream,
 }
 
 fn lost(resource: &str, status: LeaseStatus) -> pb::LeaseState {
@@ -61,6 +64,7 @@ impl<B: Backend> Session<B> {
             leases: HashMap::new(),
             expire_on_close: None,
             tx,
+            _open: OpenStream::new("keepalive"),
         };
         tokio::spawn(session.run(inbound));
         ReceiverStream::new(rx)
@@ -199,6 +203,7 @@ impl<B: Backend> Session<B> {
                 _ => {
                     self.leases.remove(&key);
                     info!(resource = %params.resource, outcome = "lost", "keepalive");
+                    metrics::lease_lost("keepalive");
                     states.push(lost(&params.resource, outcome.status));
                 }
             }
@@ -223,6 +228,7 @@ impl<B: Backend> Session<B> {
                 return true;
             }
             info!(resource = %lease.resource, outcome = "expired", "keepalive");
+            metrics::lease_lost("keepalive");
             states.push(lost(&lease.resource, LeaseStatus::NotHeld));
             false
         });

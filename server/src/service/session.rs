@@ -44,6 +44,7 @@ use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{AcquireOutcome, ExtendOutcome, LeaseStatus, ReleaseParams, Token};
 use crate::locks::{Locks, ReleaseVia};
+use crate::metrics::{self, OpenStream};
 
 /// Quick operations one session runs at once; lockd reads no further request until one ends.
 pub const OPS_IN_FLIGHT: usize = 128;
@@ -114,6 +115,8 @@ pub struct Session<B> {
     /// Let leases expire instead of releasing them when the client ends the session.
     expire_on_close: Option<bool>,
     tx: mpsc::Sender<Result<pb::SessionResponse, Status>>,
+    /// Counts the stream in `lockd_open_streams` while it lives.
+    _open: OpenStream,
 }
 
 fn reply(id: u64, r: pb::session_response::Reply) -> pb::SessionResponse {
@@ -137,6 +140,7 @@ fn error_reply(id: u64, e: Error) -> pb::SessionResponse {
 
 fn lost(bound_by: u64, resource: &str, status: LeaseStatus) -> pb::SessionLease {
     info!(resource = %resource, outcome = "lost", "session");
+    metrics::lease_lost("session");
     pb::SessionLease {
         bound_by,
         resource: resource.to_owned(),
@@ -164,6 +168,7 @@ impl<B: Backend> Session<B> {
             heartbeats: Vec::new(),
             expire_on_close: None,
             tx,
+            _open: OpenStream::new("session"),
         };
         tokio::spawn(session.run(inbound));
         ReceiverStream::new(rx)
