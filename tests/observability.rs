@@ -207,6 +207,17 @@ async fn a_traced_acquire_reaches_the_otlp_receiver_as_a_span_of_the_callers_tra
     traced::acquire_arrives_as_a_span().await;
 }
 
+#[tokio::test]
+async fn the_rust_clients_calls_join_the_applications_opentelemetry_trace() {
+    #[cfg(not(feature = "otlp"))]
+    panic!(
+        "this test needs lockd built with OTLP export: \
+         cargo test -p lockd --features otlp --test e2e observability"
+    );
+    #[cfg(feature = "otlp")]
+    traced::client_call_joins_the_applications_trace().await;
+}
+
 /// Needs the `otlp` feature (scripts/test turns it on).
 #[cfg(feature = "otlp")]
 mod traced {
@@ -271,5 +282,54 @@ mod traced {
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// An application that traces with OpenTelemetry: the client's calls join its trace.
+    pub(super) async fn client_call_joins_the_applications_trace() {
+        use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+        use tracing::Instrument as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+
+        let receiver = crate::support::otlp::OtlpReceiver::start().await;
+        let endpoint = receiver.endpoint();
+        let lockd = Lockd::start_with(
+            None,
+            &[
+                ("LOCKD_OTLP_ENDPOINT", endpoint.as_str()),
+                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ],
+        )
+        .await;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let app = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("app")));
+        let _app = tracing::subscriber::set_default(app);
+        let job = tracing::info_span!("nightly job");
+        let trace_id = job.context().span().span_context().trace_id().to_string();
+        let client = lockd_client::LockClient::builder(lockd.endpoint())
+            .sessions(false)
+            .connect()
+            .await
+            .unwrap();
+        let attempt = client
+            .try_lock("client-traced", Duration::from_secs(30))
+            .instrument(job)
+            .await
+            .unwrap();
+        assert!(matches!(attempt, lockd_client::TryLock::Acquired(_)));
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !receiver
+            .spans()
+            .iter()
+            .any(|s| hex(&s.trace_id) == trace_id && s.name == "lockd.v1.LockService/Acquire")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no Acquire span of the application's trace {trace_id}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
