@@ -184,6 +184,20 @@ async fn metrics_are_not_served_unless_asked_for() {
 }
 
 #[tokio::test]
+async fn decisions_logged_at_debug_leave_only_state_changes_at_info() {
+    let lockd = Lockd::start_with(None, &[("LOCKD_LOG_DECISIONS", "debug")]).await;
+    let mut c = lockd.client().await;
+    let lease = acquire_ok(&mut c, "quiet-logs", 5.0).await;
+    release(&mut c, &lease).await;
+    let log = lockd.log_text();
+    assert!(log.contains("lockd listening"), "{log}");
+    assert!(
+        !log.contains("quiet-logs"),
+        "a decision logged at info:\n{log}"
+    );
+}
+
+#[tokio::test]
 async fn logs_piped_to_a_file_carry_no_colour_codes() {
     let lockd = Lockd::start(None).await;
     let mut c = lockd.client().await;

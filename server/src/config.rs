@@ -111,6 +111,12 @@ pub struct Config {
     #[arg(long, env = "LOCKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// The level of the one log line per lock decision (acquire, release, extend). With
+    /// `debug`, the default `info` log keeps only state changes (Redis up or down, health,
+    /// lost leases); RUST_LOG=debug shows the decisions again.
+    #[arg(long, env = "LOCKD_LOG_DECISIONS", value_enum, default_value_t = Level::Info)]
+    pub log_decisions: Level,
+
     /// Runtime worker threads; 0 means one per CPU this process may run on. With one, lockd
     /// runs on a single-threaded runtime, which serves more requests per CPU (no work
     /// stealing, and Redis commands from many requests go out in one write).
@@ -138,6 +144,15 @@ pub struct Config {
     /// http://127.0.0.1:4317). Off by default; needs a lockd built with the `otlp` feature.
     #[arg(long, env = "LOCKD_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+}
+
+/// A log level for a kind of line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Level {
+    /// Shown by the default filter (RUST_LOG=info).
+    Info,
+    /// Shown with RUST_LOG=debug.
+    Debug,
 }
 
 /// How log lines are written to stderr.

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::io::IsTerminal as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -18,8 +19,29 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _, Registry};
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, Level, LogFormat};
 use crate::metrics;
+
+/// Whether lock decisions are logged at `debug` (`--log-decisions debug`) instead of `info`.
+static DECISIONS_AT_DEBUG: AtomicBool = AtomicBool::new(false);
+
+/// True when lock decisions are logged at `debug` (see [`decision!`](crate::decision)).
+pub fn decisions_at_debug() -> bool {
+    DECISIONS_AT_DEBUG.load(Ordering::Relaxed)
+}
+
+/// Logs one lock decision (an acquire, release or extend outcome): at `info`, or at `debug`
+/// with `--log-decisions debug`, so that a busy lockd's `info` log keeps only state changes.
+#[macro_export]
+macro_rules! decision {
+    ($($arg:tt)+) => {
+        if $crate::telemetry::decisions_at_debug() {
+            ::tracing::debug!($($arg)+)
+        } else {
+            ::tracing::info!($($arg)+)
+        }
+    };
+}
 
 /// Keeps the trace exporter alive; dropping it flushes the spans not exported yet.
 #[must_use = "dropping the guard stops the trace export"]
@@ -58,6 +80,7 @@ fn log_layer(format: LogFormat, ansi: bool) -> BoxLayer {
 /// # Errors
 /// When the OTLP exporter cannot be built (an invalid endpoint).
 pub fn init(config: &Config) -> Result<Guard, String> {
+    DECISIONS_AT_DEBUG.store(config.log_decisions == Level::Debug, Ordering::Relaxed);
     let logs = log_layer(config.log_format, std::io::stderr().is_terminal());
     #[cfg(feature = "otlp")]
     if let Some(endpoint) = &config.otlp_endpoint {

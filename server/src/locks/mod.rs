@@ -30,7 +30,9 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Span, info};
+use tracing::Span;
+
+use crate::decision;
 
 use self::held::HeldLeases;
 use self::waiters::Waiters;
@@ -193,14 +195,14 @@ impl<B: Backend> Locks<B> {
             .await?
         };
         match &outcome {
-            AcquireOutcome::Acquired(lease) => info!(
+            AcquireOutcome::Acquired(lease) => decision!(
                 resource = %lease.resource,
                 owner = %params.owner,
                 fencing_token = lease.fencing_token,
                 outcome = "acquired",
                 "acquire"
             ),
-            AcquireOutcome::Busy(busy) => info!(
+            AcquireOutcome::Busy(busy) => decision!(
                 resource = %params.resource,
                 owner = %params.owner,
                 holder = busy.holder.as_ref().map_or("", |h| h.owner.as_str()),
@@ -234,14 +236,16 @@ impl<B: Backend> Locks<B> {
         metrics::release(prefix, status, via.name());
         record_outcome(status.map_or("error", status_name));
         match &result {
-            Ok(outcome) => info!(
+            Ok(outcome) => decision!(
                 resource = %params.resource,
                 via = via.name(),
                 outcome = status_name(outcome.status),
                 frees_at = outcome.frees_at,
                 "release"
             ),
-            Err(e) => info!(resource = %params.resource, via = via.name(), error = %e, "release"),
+            Err(e) => {
+                decision!(resource = %params.resource, via = via.name(), error = %e, "release")
+            }
         }
         result
     }
@@ -267,7 +271,7 @@ impl<B: Backend> Locks<B> {
                 .renewed(&params.resource, &params.token, started, lease.ttl);
         }
         if params.renewer.is_none() {
-            info!(resource = %params.resource, outcome = status_name(outcome.status), "extend");
+            decision!(resource = %params.resource, outcome = status_name(outcome.status), "extend");
         }
         Ok(outcome)
     }
