@@ -32,19 +32,18 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
 
-use crate::decision;
-
 use self::held::HeldLeases;
 use self::waiters::Waiters;
 use crate::backend::{Backend, ExtendParams, Page};
 use crate::config::Limits;
+use crate::decision;
 use crate::error::Result;
 use crate::events::{Events, WatcherGuard};
 use crate::lock::{
     AcquireOutcome, AcquireParams, ExtendOutcome, Holders, LeaseStatus, LockEvent, ReleaseOutcome,
     ReleaseParams, Token,
 };
-use crate::metrics::{self, AcquireEnd};
+use crate::metrics::{self, AcquireEnd, status_name};
 
 /// Which path a release came by, for the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,8 +88,6 @@ pub struct Locks<B> {
     /// The leases granted here, for the hold-time and expiry metrics; and the label prefixes.
     held: Arc<HeldLeases>,
 }
-
-use crate::metrics::status_name;
 
 /// Records the current RPC span's outcome (a no-op when spans are off).
 fn record_outcome(outcome: &'static str) {
