@@ -22,6 +22,7 @@ mod lock_core;
 mod lockctl;
 mod min_hold;
 mod node;
+mod observability;
 mod operations;
 mod python;
 mod redis_safety;

@@ -11,6 +11,7 @@
 //! - [`error`]: the crate's error and its one mapping to `tonic::Status`.
 //! - [`auth`]: API keys, namespaces and access levels; [`tls`]: TLS and mutual TLS.
 //! - [`health`], [`shutdown`], [`telemetry`]: running as a well-behaved server.
+//! - [`metrics`]: the Prometheus metrics (`--metrics-listen`); the lock core records them.
 //!
 //! [`run`] binds the configured address; [`serve`] takes a listener, which is the seam tests use.
 
@@ -22,6 +23,7 @@ pub mod events;
 pub mod health;
 pub mod lock;
 pub mod locks;
+pub mod metrics;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
@@ -41,6 +43,7 @@ use crate::backend::{Backend, MemoryBackend, RedisBackend};
 pub use crate::config::Config;
 use crate::events::Events;
 use crate::locks::Locks;
+use crate::locks::held::HeldLeases;
 use crate::locks::waiters::Waiters;
 use crate::service::LockService;
 use crate::tls::{Tls, TlsFiles};
@@ -70,6 +73,9 @@ pub async fn serve(
     signal: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     config.validate()?;
+    if let Some(listen) = config.metrics_listen {
+        metrics::install(listen)?;
+    }
     let auth = match &config.auth_file {
         Some(file) => Auth::load(file).map_err(|e| format!("refusing to start: {e}"))?,
         None => {
@@ -214,6 +220,10 @@ async fn serve_backend<B: Backend>(
     let reflection_v1alpha =
         reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
 
+    let held = HeldLeases::new(
+        config.metrics_listen.is_some(),
+        metrics::Prefixes::new(&config.metrics_resource_prefixes),
+    );
     let locks = Locks::new(
         backend,
         waiters,
@@ -221,6 +231,7 @@ async fn serve_backend<B: Backend>(
         config.limits(),
         config.instance_id(),
         shutdown.clone(),
+        Arc::new(held),
     );
     let service = LockService::new(Arc::new(locks), auth);
     let addr = listener.local_addr()?;
@@ -232,6 +243,7 @@ async fn serve_backend<B: Backend>(
     };
     tracing::info!(%addr, workers, tls = tls_mode, "lockd listening");
     let router = tonic::transport::Server::builder()
+        .layer(telemetry::RpcLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -23,6 +23,7 @@ use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{LeaseStatus, ReleaseParams};
 use crate::locks::{Locks, ReleaseVia};
+use crate::metrics::{self, OpenStream};
 
 /// Backend calls one stream makes at once when it renews or releases its leases, so one
 /// message cannot flood the backend however many leases it names.
@@ -43,6 +44,8 @@ pub struct Session<B> {
     caller: Caller,
     ns: Namespace,
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
+    /// Counts the stream in `lockd_open_streams` while it lives.
+    _open: OpenStream,
 }
 
 fn lost(ns: &Namespace, resource: &str, status: LeaseStatus) -> pb::LeaseState {
@@ -69,6 +72,7 @@ impl<B: Backend> Session<B> {
             ns: caller.namespace(),
             caller,
             tx,
+            _open: OpenStream::new("keepalive"),
         };
         tokio::spawn(session.run(inbound));
         ReceiverStream::new(rx)
@@ -213,6 +217,7 @@ impl<B: Backend> Session<B> {
                 _ => {
                     self.leases.remove(&key);
                     info!(resource = %params.resource, outcome = "lost", "keepalive");
+                    metrics::lease_lost("keepalive");
                     states.push(lost(&self.ns, &params.resource, outcome.status));
                 }
             }
@@ -238,6 +243,7 @@ impl<B: Backend> Session<B> {
                 return true;
             }
             info!(resource = %lease.resource, outcome = "expired", "keepalive");
+            metrics::lease_lost("keepalive");
             states.push(lost(ns, &lease.resource, LeaseStatus::NotHeld));
             false
         });

@@ -45,6 +45,7 @@ use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{AcquireOutcome, ExtendOutcome, LeaseStatus, ReleaseParams, Token};
 use crate::locks::{Locks, ReleaseVia};
+use crate::metrics::{self, OpenStream};
 
 /// Quick operations one session runs at once; lockd reads no further request until one ends.
 pub const OPS_IN_FLIGHT: usize = 128;
@@ -119,6 +120,8 @@ pub struct Session<B> {
     caller: Caller,
     ns: Namespace,
     tx: mpsc::Sender<Result<pb::SessionResponse, Status>>,
+    /// Counts the stream in `lockd_open_streams` while it lives.
+    _open: OpenStream,
 }
 
 fn reply(id: u64, r: pb::session_response::Reply) -> pb::SessionResponse {
@@ -142,6 +145,7 @@ fn error_reply(id: u64, e: Error) -> pb::SessionResponse {
 
 fn lost(ns: &Namespace, bound_by: u64, resource: &str, status: LeaseStatus) -> pb::SessionLease {
     info!(resource = %resource, outcome = "lost", "session");
+    metrics::lease_lost("session");
     pb::SessionLease {
         bound_by,
         resource: ns.unqualify(resource.to_owned()),
@@ -172,6 +176,7 @@ impl<B: Backend> Session<B> {
             ns: caller.namespace(),
             caller,
             tx,
+            _open: OpenStream::new("session"),
         };
         tokio::spawn(session.run(inbound));
         ReceiverStream::new(rx)
