@@ -4,7 +4,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p lockd -p lockctl -p lockd-scheduler-example
+RUN cargo build --release --locked --features lockd/otlp -p lockd -p lockctl -p lockd-scheduler-example
 
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --no-create-home lockd

@@ -25,7 +25,8 @@
 # Knobs (environment): BENCH_TARGETS (a comma list of the targets above), BENCH_SCENARIOS (all, or a comma list), BENCH_WAITER_KINDS
 # ("acquire watch keepalive"), BENCH_REPEAT (1: runs per load scenario, level and target; each
 # row is then the median-ops/s run), BENCH_DURATION (2s), BENCH_WARMUP (300ms), BENCH_CLIENTS
-# (1,16,128,1024), BENCH_CONNECTIONS (4), LOCKD_REDIS_POOL_SIZE (lockd's default: one per worker thread), and
+# (1,16,128,1024), BENCH_CONNECTIONS (4), LOCKD_REDIS_POOL_SIZE (lockd's default: one per worker thread),
+# BENCH_RUST_LOG (warn: lockd's RUST_LOG; lockd's own LOCKD_* variables pass through too), and
 # LOCKD_BIN: a lockd binary to measure instead of building this tree's (e.g. one built from a
 # committed revision while the working tree is mid-change); only lockd-bench is built then.
 # Extra arguments go to every lockd-bench run, e.g. `scripts/bench.sh --waiters 1000`; options
@@ -121,10 +122,10 @@ start_lockd() {
   local name=$1 backend=$2
   PORT=$(free_port)
   if [ "$backend" = redis ]; then
-    env REDIS_URL="$REDIS_URL" RUST_LOG=warn "${SERVER_PIN[@]}" "$LOCKD_BIN" \
+    env REDIS_URL="$REDIS_URL" RUST_LOG="${BENCH_RUST_LOG:-warn}" "${SERVER_PIN[@]}" "$LOCKD_BIN" \
       --listen "127.0.0.1:$PORT" </dev/null >"$TMP/$name.log" 2>&1 &
   else
-    env -u REDIS_URL -u REDIS_HOST RUST_LOG=warn "${SERVER_PIN[@]}" "$LOCKD_BIN" \
+    env -u REDIS_URL -u REDIS_HOST RUST_LOG="${BENCH_RUST_LOG:-warn}" "${SERVER_PIN[@]}" "$LOCKD_BIN" \
       --listen "127.0.0.1:$PORT" </dev/null >"$TMP/$name.log" 2>&1 &
   fi
   PID=$!
@@ -298,7 +299,7 @@ if [ "$RUN_CLUSTER" = yes ]; then
   for masters in 1 3; do
     start_cluster "$masters"
     PORT=$(free_port)
-    env -u REDIS_URL REDIS_CLUSTER_NODES="$CLUSTER_SEEDS" RUST_LOG=warn "${SERVER_PIN[@]}" \
+    env -u REDIS_URL REDIS_CLUSTER_NODES="$CLUSTER_SEEDS" RUST_LOG="${BENCH_RUST_LOG:-warn}" "${SERVER_PIN[@]}" \
       "$LOCKD_BIN" --listen "127.0.0.1:$PORT" </dev/null >"$TMP/lockd-cluster-$masters.log" 2>&1 &
     C_PID=$!
     PIDS+=("$C_PID")

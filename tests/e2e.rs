@@ -26,6 +26,7 @@ mod lockctl;
 mod memory_bounds;
 mod min_hold;
 mod node;
+mod observability;
 mod operations;
 mod python;
 mod redis_safety;

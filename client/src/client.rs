@@ -877,6 +877,8 @@ impl LockClient {
     fn request<T>(&self, message: T, extra: Duration) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.config.request_timeout.saturating_add(extra));
+        #[cfg(feature = "otel")]
+        crate::trace::inject(request.metadata_mut());
         request
     }
 

@@ -7,6 +7,8 @@ mod options;
 mod renew;
 mod retry;
 mod session;
+#[cfg(feature = "otel")]
+mod trace;
 
 pub use client::{
     ClientBuilder, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, LockClient, Outcome, TryLock,

@@ -144,6 +144,12 @@ pub struct Config {
     #[arg(long, env = "LOCKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// The level of the one log line per lock decision (acquire, release, extend). With
+    /// `debug`, the default `info` log keeps only state changes (Redis up or down, health,
+    /// lost leases); RUST_LOG=debug shows the decisions again.
+    #[arg(long, env = "LOCKD_LOG_DECISIONS", value_enum, default_value_t = Level::Info)]
+    pub log_decisions: Level,
+
     /// Runtime worker threads; 0 means one per CPU this process may run on. With one, lockd
     /// runs on a single-threaded runtime, which serves more requests per CPU (no work
     /// stealing, and Redis commands from many requests go out in one write).
@@ -189,6 +195,22 @@ pub struct Config {
     #[arg(long, env = "REDIS_TLS_CA")]
     pub redis_tls_ca: Option<PathBuf>,
 
+    /// Serve Prometheus metrics on http://<this address>/metrics (e.g. 0.0.0.0:9090). Off by
+    /// default.
+    #[arg(long, env = "LOCKD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Resource-name prefixes that label lock metrics (e.g. nightly-,report-): a resource is
+    /// counted under the first one it starts with. Resource names never become labels
+    /// otherwise (they are unbounded).
+    #[arg(long, env = "LOCKD_METRICS_RESOURCE_PREFIXES", value_delimiter = ',')]
+    pub metrics_resource_prefixes: Vec<String>,
+
+    /// Export each RPC's trace span over OTLP/gRPC to this collector (e.g.
+    /// http://127.0.0.1:4317). Off by default; needs a lockd built with the `otlp` feature.
+    #[arg(long, env = "LOCKD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// A command instead of serving.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -210,6 +232,15 @@ pub enum Command {
         #[arg(long, default_value = "write")]
         access: String,
     },
+}
+
+/// A log level for a kind of line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Level {
+    /// Shown by the default filter (RUST_LOG=info).
+    Info,
+    /// Shown with RUST_LOG=debug.
+    Debug,
 }
 
 /// How log lines are written to stderr.
@@ -362,6 +393,18 @@ impl Config {
     /// The first broken rule, as a message for the operator.
     pub fn validate(&self) -> Result<(), String> {
         let rule = |setting: &str, rule: &str| Err(format!("{setting}: {rule}"));
+        if self.otlp_endpoint.is_some() && !cfg!(feature = "otlp") {
+            return rule(
+                "LOCKD_OTLP_ENDPOINT (--otlp-endpoint)",
+                "this lockd was built without the `otlp` feature (cargo build --features otlp)",
+            );
+        }
+        if self.metrics_resource_prefixes.len() > 100 {
+            return rule(
+                "LOCKD_METRICS_RESOURCE_PREFIXES (--metrics-resource-prefixes)",
+                "at most 100 prefixes (each one multiplies the lock metrics' series)",
+            );
+        }
         if self.max_ttl < Duration::from_millis(1) || self.max_ttl > MAX_DURATION_SETTING {
             return rule(
                 "LOCKD_MAX_TTL (--max-ttl)",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, watch};
 
 use crate::lock::LockEvent;
+use crate::metrics::OpenStream;
 
 /// Events buffered per watcher before it starts missing some.
 const CAPACITY: usize = 4096;
@@ -18,6 +19,13 @@ pub struct Events {
     watchers: watch::Sender<usize>,
 }
 
+/// Counts a watcher while it lives; dropping it unregisters the watcher.
+#[derive(Debug)]
+pub struct WatcherGuard {
+    events: Arc<Events>,
+    _open: OpenStream,
+}
+
 impl Default for Events {
     fn default() -> Self {
         Self {
@@ -25,12 +33,6 @@ impl Default for Events {
             watchers: watch::Sender::new(0),
         }
     }
-}
-
-/// Counts a watcher while it lives; dropping it unregisters the watcher.
-#[derive(Debug)]
-pub struct WatcherGuard {
-    events: Arc<Events>,
 }
 
 impl Events {
@@ -55,6 +57,7 @@ impl Events {
             rx,
             WatcherGuard {
                 events: self.clone(),
+                _open: OpenStream::new("watch"),
             },
         )
     }

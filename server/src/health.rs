@@ -41,6 +41,7 @@ pub async fn probe<B: Backend>(
             ))),
         };
         let ok = result.is_ok();
+        crate::metrics::backend_up(ok);
         if last != Some(ok) {
             match result {
                 Ok(()) => {

@@ -12,6 +12,7 @@
 //! - [`auth`]: API keys, namespaces and access levels; [`tls`]: TLS and mutual TLS.
 //! - [`overload`]: the caps on requests, waiters, streams and connections.
 //! - [`health`], [`shutdown`], [`telemetry`]: running as a well-behaved server.
+//! - [`metrics`]: the Prometheus metrics (`--metrics-listen`); the lock core records them.
 //!
 //! [`run`] binds the configured address; [`serve`] takes a listener, which is the seam tests use.
 
@@ -23,6 +24,7 @@ pub mod events;
 pub mod health;
 pub mod lock;
 pub mod locks;
+pub mod metrics;
 pub mod overload;
 pub mod service;
 pub mod shutdown;
@@ -43,6 +45,7 @@ use crate::backend::{Backend, MemoryBackend, RedisBackend};
 pub use crate::config::Config;
 use crate::events::Events;
 use crate::locks::Locks;
+use crate::locks::held::HeldLeases;
 use crate::locks::waiters::Waiters;
 use crate::overload::{Connections, Gate, InFlightLayer};
 use crate::service::LockService;
@@ -73,6 +76,9 @@ pub async fn serve(
     signal: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     config.validate()?;
+    if let Some(listen) = config.metrics_listen {
+        metrics::install(listen)?;
+    }
     let auth = match &config.auth_file {
         Some(file) => Auth::load(file).map_err(|e| format!("refusing to start: {e}"))?,
         None => {
@@ -239,6 +245,10 @@ async fn serve_backend<B: Backend>(
     let reflection_v1alpha =
         reflection(tonic_reflection::server::Builder::configure()).build_v1alpha()?;
 
+    let held = HeldLeases::new(
+        config.metrics_listen.is_some(),
+        metrics::Prefixes::new(&config.metrics_resource_prefixes),
+    );
     let caps = config.caps();
     let gate = Arc::new(Gate::new(caps));
     let locks = Locks::new(
@@ -248,6 +258,7 @@ async fn serve_backend<B: Backend>(
         config.limits(),
         config.instance_id(),
         shutdown.clone(),
+        Arc::new(held),
         gate.clone(),
     );
     let service = LockService::new(Arc::new(locks), auth, gate);
@@ -260,6 +271,7 @@ async fn serve_backend<B: Backend>(
     };
     tracing::info!(%addr, workers, tls = tls_mode, "lockd listening");
     let router = http2_limits(tonic::transport::Server::builder(), &config)
+        .layer(telemetry::RpcLayer)
         .layer(InFlightLayer::new(caps.in_flight))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -20,18 +20,25 @@ fn main() -> ExitCode {
     {
         return keygen(name, namespace, access);
     }
-    lockd::telemetry::init(config.log_format);
+    let runtime = match config.runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("lockd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Inside the runtime: the OTLP exporter's channel needs it.
+    let _telemetry = match runtime.block_on(async { lockd::telemetry::init(&config) }) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("lockd: refusing to start: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Err(rule) = config.validate() {
         tracing::error!("refusing to start: {rule}");
         return ExitCode::from(2);
     }
-    let runtime = match config.runtime() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
     match runtime.block_on(lockd::run(config, lockd::shutdown::signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

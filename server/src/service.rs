@@ -40,7 +40,11 @@ impl<B: Backend> LockService<B> {
 
     /// The caller of `request`, if its key may make `rpc` (which needs `access`).
     fn caller<T>(&self, request: &Request<T>, access: Access, rpc: &str) -> Result<Caller, Status> {
-        Ok(self.auth.caller(request.metadata(), access, rpc)?)
+        let caller = self.auth.caller(request.metadata(), access, rpc)?;
+        if let Some(name) = caller.name() {
+            tracing::Span::current().record("api_key", name);
+        }
+        Ok(caller)
     }
 }
 

@@ -90,6 +90,7 @@ async fn main() -> ExitCode {
         min_hold: args.min_hold,
         skew: Duration::from_millis(args.skew_ms),
         misfire: args.misfire,
+        skips: Default::default(),
     });
     tracing::info!(%instance, jobs = args.jobs.len(), skew_ms = args.skew_ms, "scheduler started");
     tokio::select! {

@@ -1,8 +1,9 @@
 //! The scheduling loop: one task per job that sleeps until each tick, and one task per tick that
 //! runs the job inside `run_exclusive`, so across all instances each tick runs at most once.
 
+use std::collections::HashMap;
 use std::process::ExitStatus;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -30,6 +31,23 @@ pub struct Scheduler {
     /// A tick whose timer fires later than this is missed rather than run late, so a very late
     /// instance never competes after the minimum hold of the tick's run has passed.
     pub misfire: Duration,
+    /// Ticks this instance skipped because another instance ran them, by job.
+    pub skips: Skips,
+}
+
+/// A scheduler's own count of skipped ticks per job (lockd counts the same contended acquires
+/// per owner in `lockd_contended_acquires_total`).
+#[derive(Debug, Default)]
+pub struct Skips(Mutex<HashMap<String, u64>>);
+
+impl Skips {
+    /// Counts one more skip of `job`; returns the job's total.
+    pub fn count(&self, job: &str) -> u64 {
+        let mut skips = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = skips.entry(job.to_owned()).or_default();
+        *n += 1;
+        *n
+    }
 }
 
 impl Scheduler {
@@ -95,7 +113,11 @@ impl Scheduler {
             Ok(Outcome::Ran(Err(error))) => warn!("could not start {}: {error}", job.name),
             Ok(Outcome::Skipped(holder)) => {
                 let owner = holder.map_or_else(|| "?".to_owned(), |h| h.owner);
-                info!("skipping {}: already running on {owner}", job.name);
+                let skipped = self.skips.count(&job.name);
+                info!(
+                    "skipping {}: already running on {owner} ({skipped} skipped)",
+                    job.name
+                );
             }
             // The lock could not be renewed: run_exclusive dropped the job, killing its process.
             Err(Error::LockLost { reason, .. }) => warn!("{} stopped: {reason}", job.name),

@@ -27,6 +27,7 @@ mod subscriber;
 mod topology;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -47,6 +48,7 @@ use crate::lock::{
     ReleaseOutcome, ReleaseParams, UnixMillis,
 };
 use crate::locks::waiters::Waiters;
+use crate::metrics;
 
 /// A shared connection and the Sentinel epoch it was opened in.
 type Shared = (Conn, u64);
@@ -157,6 +159,26 @@ fn is_connection_failure(e: &RedisError) -> bool {
             e.kind(),
             ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
         )
+}
+
+/// Awaits one Redis call, recording its latency and, on failure, its kind of error.
+async fn timed<T>(
+    command: &'static str,
+    call: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    let started = std::time::Instant::now();
+    let r = call.await;
+    metrics::redis_call(command, started.elapsed());
+    if let Err(e) = &r {
+        metrics::redis_error(if e.is_timeout() {
+            "timeout"
+        } else if is_connection_failure(e) {
+            "connection"
+        } else {
+            "response"
+        });
+    }
+    r
 }
 
 fn ms(d: Duration) -> u64 {
@@ -276,6 +298,9 @@ impl RedisBackend {
             let b = backend.clone();
             tokio::spawn(sentinel.follow(move || b.forget_all(), shutdown.clone()));
         }
+        metrics::redis_errors_zero();
+        metrics::redis_subscription(false);
+        backend.report_connections();
         let subscriber = Subscriber::new(backend.clone(), waiters, events, config.timeout);
         tokio::spawn(subscriber.run(shutdown));
         Ok(backend)
@@ -420,7 +445,18 @@ impl RedisBackend {
             }
         };
         *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(c.clone());
+        self.report_connections();
         Ok(c)
+    }
+
+    /// Records how many shared connections are open, for metrics.
+    fn report_connections(&self) {
+        let open = self
+            .conns
+            .iter()
+            .filter(|s| s.lock().unwrap_or_else(PoisonError::into_inner).is_some())
+            .count();
+        metrics::redis_connections(open, self.conns.len());
     }
 
     /// Forgets every shared connection, so that the next calls reconnect.
@@ -428,6 +464,7 @@ impl RedisBackend {
         for slot in &*self.conns {
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
         }
+        self.report_connections();
     }
 
     /// After a connection failure, forgets every shared connection: they all lead to the same
@@ -456,10 +493,14 @@ impl RedisBackend {
         }
     }
 
-    /// Runs a script invocation on a shared connection.
-    async fn run(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<(Value, Conn)> {
+    /// Runs a script invocation (`command`, for metrics) on a shared connection.
+    async fn run(
+        &self,
+        command: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<(Value, Conn)> {
         let (mut conn, epoch) = self.conn().await?;
-        let v = self.forget_on_failure(invocation.invoke_async(&mut conn).await)?;
+        let v = self.forget_on_failure(timed(command, invocation.invoke_async(&mut conn)).await)?;
         self.unless_master_switched(epoch, (v, conn))
     }
 
@@ -469,11 +510,14 @@ impl RedisBackend {
     /// Not after a timeout: Redis may be slow, and a second wait would double the delay.
     async fn run_idempotent(
         &self,
+        command: &'static str,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<(Value, Conn)> {
         let (mut conn, epoch) = self.conn().await?;
-        match self.forget_on_failure(invocation.invoke_async(&mut conn).await) {
-            Err(e) if is_connection_failure(&e) && !e.is_timeout() => self.run(invocation).await,
+        match self.forget_on_failure(timed(command, invocation.invoke_async(&mut conn)).await) {
+            Err(e) if is_connection_failure(&e) && !e.is_timeout() => {
+                self.run(command, invocation).await
+            }
             r => self.unless_master_switched(epoch, (r?, conn)),
         }
     }
@@ -481,7 +525,7 @@ impl RedisBackend {
     /// Runs a plain command or pipeline on a shared connection.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Pipeline) -> Result<T> {
         let (mut conn, _) = self.conn().await?;
-        Ok(self.forget_on_failure(cmd.query_async(&mut conn).await)?)
+        Ok(self.forget_on_failure(timed("pipeline", cmd.query_async(&mut conn)).await)?)
     }
 
     /// With `--min-replica-acks N`: waits until N replicas acknowledged the change just made
@@ -513,7 +557,7 @@ impl RedisBackend {
         };
         let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
         self.release_args(&mut inv, &undo);
-        if let Err(e) = self.run(&inv).await {
+        if let Err(e) = self.run("release", &inv).await {
             tracing::warn!(resource = %p.resource, error = %e, "cannot undo an unacknowledged \
                 grant; it stays until its TTL");
         }
@@ -569,7 +613,7 @@ impl RedisBackend {
 
     async fn inspect_key(&self, resource: &str) -> Result<Option<Holders>> {
         let inv = self.scripts.inspect.key(self.key(resource, ""));
-        decode_inspect(self.run_idempotent(&inv).await?.0, resource)
+        decode_inspect(self.run_idempotent("inspect", &inv).await?.0, resource)
     }
 }
 
@@ -595,7 +639,7 @@ impl Backend for RedisBackend {
             inv.arg(name).arg(value);
         }
         let since = tokio::time::Instant::now();
-        let (reply, mut conn) = self.run_idempotent(&inv).await?;
+        let (reply, mut conn) = self.run_idempotent("acquire", &inv).await?;
         match AcquireReply::decode(reply, &p.resource)? {
             AcquireReply::Granted {
                 fencing_token,
@@ -627,7 +671,7 @@ impl Backend for RedisBackend {
     async fn release(&self, p: &ReleaseParams) -> Result<ReleaseOutcome> {
         let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
         self.release_args(&mut inv, p);
-        let (reply, mut conn) = self.run(&inv).await?;
+        let (reply, mut conn) = self.run("release", &inv).await?;
         let (status, frees_at) = match ReleaseReply::decode(reply)? {
             ReleaseReply::Released { frees_at } => {
                 if !self.replicated(&mut conn, &p.resource).await? {
@@ -662,7 +706,7 @@ impl Backend for RedisBackend {
             lease: None,
         };
         let since = tokio::time::Instant::now();
-        let (reply, mut conn) = self.run(&inv).await?;
+        let (reply, mut conn) = self.run("extend", &inv).await?;
         match ExtendReply::decode(reply)? {
             ExtendReply::Extended {
                 fencing_token,
@@ -756,7 +800,7 @@ impl Backend for RedisBackend {
             .arg(waiter)
             .arg(&self.released_channel)
             .arg(resource);
-        self.run(&inv).await.map(drop)
+        self.run("dequeue", &inv).await.map(drop)
     }
 
     /// Fails while Redis does not answer, while its `maxmemory-policy` may evict lock keys,
@@ -774,7 +818,7 @@ impl Backend for RedisBackend {
                 return Err(self.refusal());
             }
         }
-        let pong = redis::cmd("PING").query_async::<Value>(&mut conn).await;
+        let pong = timed("ping", redis::cmd("PING").query_async::<Value>(&mut conn)).await;
         self.forget_on_failure(pong)?;
         if self.min_replica_acks > 0 {
             self.check_replicas(&mut conn).await?;

@@ -7,6 +7,11 @@
 //!
 //! - [`waiters`]: the local wait queues that releases wake.
 //! - `acquire`: the blocking acquire loop over them.
+//! - [`held`]: the leases this lockd granted, for the hold-time and expiry metrics.
+//!
+//! The core records the lock metrics ([`crate::metrics`]) and the RPC span's fields (resource,
+//! outcome, fencing token; never the lock token), so every path is counted once whichever
+//! handler or stream it came through.
 //!
 //! There are no hand-offs: a release frees the lock and wakes the next waiter, which takes it
 //! with its own attempt. Granting inside the release (tried in issue 3) saved a backend call per
@@ -16,6 +21,7 @@
 //! `docs/benchmarks.md`.
 
 mod acquire;
+pub mod held;
 pub mod waiters;
 
 use std::sync::Arc;
@@ -24,17 +30,20 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::Span;
 
+use self::held::HeldLeases;
 use self::waiters::Waiters;
 use crate::backend::{Backend, ExtendParams, Page};
 use crate::config::Limits;
+use crate::decision;
 use crate::error::Result;
 use crate::events::{Events, WatcherGuard};
 use crate::lock::{
     AcquireOutcome, AcquireParams, ExtendOutcome, Holders, LeaseStatus, LockEvent, ReleaseOutcome,
     ReleaseParams, Token,
 };
+use crate::metrics::{self, AcquireEnd, status_name};
 use crate::overload::Gate;
 
 /// Which path a release came by, for the log line.
@@ -77,20 +86,22 @@ pub struct Locks<B> {
     instance_id: Arc<str>,
     /// Cancelled on shutdown: ends every wait and stream with UNAVAILABLE.
     shutdown: CancellationToken,
+    /// The leases granted here, for the hold-time and expiry metrics; and the label prefixes.
+    held: Arc<HeldLeases>,
     /// Caps the blocking waits (`LOCKD_MAX_WAITERS`).
     gate: Arc<Gate>,
 }
 
-fn status_name(s: LeaseStatus) -> &'static str {
-    match s {
-        LeaseStatus::Ok => "ok",
-        LeaseStatus::NotHeld => "not_held",
-        LeaseStatus::HeldByOther => "held_by_other",
-    }
+/// Records the current RPC span's outcome (a no-op when spans are off).
+fn record_outcome(outcome: &'static str) {
+    Span::current().record("outcome", outcome);
 }
 
 impl<B: Backend> Locks<B> {
     /// The core over `backend`, which must report releases to `waiters` and changes to `events`.
+    // Each argument is a separate part the server shares with the core; a struct holding them
+    // would only move the list.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         backend: Arc<B>,
         waiters: Arc<Waiters>,
@@ -98,8 +109,10 @@ impl<B: Backend> Locks<B> {
         limits: Limits,
         instance_id: String,
         shutdown: CancellationToken,
+        held: Arc<HeldLeases>,
         gate: Arc<Gate>,
     ) -> Self {
+        tokio::spawn(held.clone().sweep(backend.clone(), shutdown.clone()));
         Self {
             backend,
             waiters,
@@ -107,6 +120,7 @@ impl<B: Backend> Locks<B> {
             limits,
             instance_id: instance_id.into(),
             shutdown,
+            held,
             gate,
         }
     }
@@ -138,6 +152,38 @@ impl<B: Backend> Locks<B> {
     /// Backend failures, a mutex/semaphore mismatch, shutdown during a wait, and a wait beyond
     /// `LOCKD_MAX_WAITERS`.
     pub async fn acquire(&self, params: &AcquireParams, wait: Duration) -> Result<AcquireOutcome> {
+        Span::current().record("resource", params.resource.as_str());
+        let started = Instant::now();
+        let outcome = self.attempt(params, wait).await;
+        let end = match &outcome {
+            Ok(AcquireOutcome::Acquired(lease)) => {
+                Span::current().record("fencing_token", lease.fencing_token);
+                self.held.granted(
+                    &lease.resource,
+                    &lease.token,
+                    lease.fencing_token,
+                    lease.since,
+                    lease.ttl,
+                );
+                // A wait that did not need to wait counts as acquired at once.
+                if wait.is_zero() || lease.since.duration_since(started) < Duration::from_millis(1)
+                {
+                    AcquireEnd::Acquired
+                } else {
+                    AcquireEnd::AcquiredAfterWait
+                }
+            }
+            Ok(AcquireOutcome::Busy(_)) if wait.is_zero() => AcquireEnd::Contended,
+            Ok(AcquireOutcome::Busy(_)) => AcquireEnd::WaitTimeout,
+            Err(_) => AcquireEnd::Error,
+        };
+        record_outcome(end.name());
+        metrics::acquire(self.held.prefixes(), &params.resource, &params.owner, end);
+        outcome
+    }
+
+    /// [`Self::acquire`] without the metrics.
+    async fn attempt(&self, params: &AcquireParams, wait: Duration) -> Result<AcquireOutcome> {
         let outcome = if wait.is_zero() {
             // Boxed here too: a future is as large as its largest state.
             Box::pin(self.backend.acquire(params)).await?
@@ -158,14 +204,14 @@ impl<B: Backend> Locks<B> {
             .await?
         };
         match &outcome {
-            AcquireOutcome::Acquired(lease) => info!(
+            AcquireOutcome::Acquired(lease) => decision!(
                 resource = %lease.resource,
                 owner = %params.owner,
                 fencing_token = lease.fencing_token,
                 outcome = "acquired",
                 "acquire"
             ),
-            AcquireOutcome::Busy(busy) => info!(
+            AcquireOutcome::Busy(busy) => decision!(
                 resource = %params.resource,
                 owner = %params.owner,
                 holder = busy.holder.as_ref().map_or("", |h| h.owner.as_str()),
@@ -183,16 +229,32 @@ impl<B: Backend> Locks<B> {
     /// # Errors
     /// Backend failures.
     pub async fn release(&self, params: &ReleaseParams, via: ReleaseVia) -> Result<ReleaseOutcome> {
+        Span::current().record("resource", params.resource.as_str());
         let result = self.backend.release(params).await;
+        let status = result.as_ref().ok().map(|o| o.status);
+        let ended = match status {
+            Some(LeaseStatus::Ok) => Some(true),
+            // Only a check of another stream's renewal that changed nothing.
+            Some(LeaseStatus::HeldByOther) if params.only_if_renewer.is_some() => None,
+            // The lease is gone: it expired (and may have been taken since).
+            Some(LeaseStatus::NotHeld | LeaseStatus::HeldByOther) => Some(false),
+            None => None,
+        };
+        self.held.ended(&params.resource, &params.token, ended);
+        let prefix = self.held.prefixes().of(&params.resource);
+        metrics::release(prefix, status, via.name());
+        record_outcome(status.map_or("error", status_name));
         match &result {
-            Ok(outcome) => info!(
+            Ok(outcome) => decision!(
                 resource = %params.resource,
                 via = via.name(),
                 outcome = status_name(outcome.status),
                 frees_at = outcome.frees_at,
                 "release"
             ),
-            Err(e) => info!(resource = %params.resource, via = via.name(), error = %e, "release"),
+            Err(e) => {
+                decision!(resource = %params.resource, via = via.name(), error = %e, "release")
+            }
         }
         result
     }
@@ -204,9 +266,21 @@ impl<B: Backend> Locks<B> {
     /// # Errors
     /// Backend failures.
     pub async fn extend(&self, params: &ExtendParams) -> Result<ExtendOutcome> {
-        let outcome = self.backend.extend(params).await?;
+        Span::current().record("resource", params.resource.as_str());
+        let started = Instant::now();
+        let result = self.backend.extend(params).await;
+        let status = result.as_ref().ok().map(|o| o.status);
+        let prefix = self.held.prefixes().of(&params.resource);
+        metrics::extend(prefix, status, params.renewer.is_some());
+        record_outcome(status.map_or("error", status_name));
+        let outcome = result?;
+        if let Some(lease) = &outcome.lease {
+            Span::current().record("fencing_token", lease.fencing_token);
+            self.held
+                .renewed(&params.resource, &params.token, started, lease.ttl);
+        }
         if params.renewer.is_none() {
-            info!(resource = %params.resource, outcome = status_name(outcome.status), "extend");
+            decision!(resource = %params.resource, outcome = status_name(outcome.status), "extend");
         }
         Ok(outcome)
     }

@@ -85,6 +85,7 @@ impl Waiters {
             .entry(resource.to_owned())
             .or_default()
             .push_back(slot.clone());
+        crate::metrics::waiters(1.0);
         Registration {
             waiters: self.clone(),
             resource: resource.to_owned(),
@@ -104,6 +105,7 @@ impl Waiters {
         let fair_next = next.and_then(|id| queue.iter().find(|s| s.fair_id.as_deref() == Some(id)));
         if let Some(slot) = fair_next.or_else(|| queue.front()) {
             slot.wake(Wake::Retry);
+            crate::metrics::handoff();
         }
     }
 
@@ -151,6 +153,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        crate::metrics::waiters(-1.0);
         let mut queues = lock(&self.waiters.queues);
         let Some(queue) = queues.get_mut(&self.resource) else {
             return;

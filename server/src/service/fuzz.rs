@@ -21,7 +21,9 @@ use crate::auth::Namespace;
 use crate::backend::MemoryBackend;
 use crate::config::{Config, Limits};
 use crate::lock::AcquireParams;
+use crate::locks::held::HeldLeases;
 use crate::locks::{Locks, ReleaseVia};
+use crate::metrics::Prefixes;
 use crate::overload::Gate;
 
 /// xorshift64*: small, seeded, and good enough to pick mutations.
@@ -363,6 +365,7 @@ fn fresh_locks() -> Arc<Locks<MemoryBackend>> {
         config.limits(),
         "fuzz".into(),
         CancellationToken::new(),
+        Arc::new(HeldLeases::new(false, Prefixes::default())),
         Arc::new(Gate::new(config.caps())),
     ))
 }

@@ -23,6 +23,7 @@ use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{LeaseStatus, ReleaseParams};
 use crate::locks::{Locks, ReleaseVia};
+use crate::metrics::{self, OpenStream};
 use crate::overload::StreamPermit;
 
 /// Backend calls one stream makes at once when it renews or releases its leases, so one
@@ -46,6 +47,8 @@ pub struct Session<B> {
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
     /// The stream's place under the stream caps, freed when the task ends.
     _permit: StreamPermit,
+    /// Counts the stream in `lockd_open_streams` while it lives.
+    _open: OpenStream,
 }
 
 fn lost(ns: &Namespace, resource: &str, status: LeaseStatus) -> pb::LeaseState {
@@ -74,6 +77,7 @@ impl<B: Backend> Session<B> {
             caller,
             tx,
             _permit: permit,
+            _open: OpenStream::new("keepalive"),
         };
         tokio::spawn(session.run(inbound));
         ReceiverStream::new(rx)
@@ -223,6 +227,7 @@ impl<B: Backend> Session<B> {
                 _ => {
                     self.leases.remove(&key);
                     info!(resource = %params.resource, outcome = "lost", "keepalive");
+                    metrics::lease_lost("keepalive");
                     states.push(lost(&self.ns, &params.resource, outcome.status));
                 }
             }
@@ -248,6 +253,7 @@ impl<B: Backend> Session<B> {
                 return true;
             }
             info!(resource = %lease.resource, outcome = "expired", "keepalive");
+            metrics::lease_lost("keepalive");
             states.push(lost(ns, &lease.resource, LeaseStatus::NotHeld));
             false
         });

@@ -45,6 +45,7 @@ use crate::backend::{Backend, ExtendParams};
 use crate::error::{Error, Result};
 use crate::lock::{AcquireOutcome, ExtendOutcome, LeaseStatus, ReleaseParams, Token};
 use crate::locks::{Locks, ReleaseVia};
+use crate::metrics::{self, OpenStream};
 use crate::overload::StreamPermit;
 
 /// Quick operations one session runs at once; lockd reads no further request until one ends.
@@ -122,6 +123,8 @@ pub struct Session<B> {
     tx: mpsc::Sender<Result<pb::SessionResponse, Status>>,
     /// The stream's place under the stream caps, freed when the task ends.
     _permit: StreamPermit,
+    /// Counts the stream in `lockd_open_streams` while it lives.
+    _open: OpenStream,
 }
 
 fn reply(id: u64, r: pb::session_response::Reply) -> pb::SessionResponse {
@@ -145,6 +148,7 @@ fn error_reply(id: u64, e: Error) -> pb::SessionResponse {
 
 fn lost(ns: &Namespace, bound_by: u64, resource: &str, status: LeaseStatus) -> pb::SessionLease {
     info!(resource = %resource, outcome = "lost", "session");
+    metrics::lease_lost("session");
     pb::SessionLease {
         bound_by,
         resource: ns.unqualify(resource.to_owned()),
@@ -177,6 +181,7 @@ impl<B: Backend> Session<B> {
             caller,
             tx,
             _permit: permit,
+            _open: OpenStream::new("session"),
         };
         tokio::spawn(session.run(inbound));
         ReceiverStream::new(rx)

@@ -223,6 +223,7 @@ impl Subscriber {
 
     /// Records the subscription's state for [`RedisBackend::ping`].
     fn set_down(&self, cause: Option<Cause>) {
+        crate::metrics::redis_subscription(cause.is_none());
         *self
             .backend
             .wakeups_down
