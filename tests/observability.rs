@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use lockd_client::proto::{KeepAliveRequest, WatchRequest};
+use lockd_client::proto::{KeepAliveRequest, LeaseRef, LeaseStatus, WatchRequest};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::support::*;
@@ -114,17 +114,35 @@ async fn a_running_lockd_exports_every_metric_of_the_alert_rules_and_the_dashboa
         })
         .await
         .unwrap();
-    let (_keepalive_tx, keepalive_rx) = tokio::sync::mpsc::channel::<KeepAliveRequest>(1);
-    let _keepalive = c
+    // A KeepAlive stream keeps a lease that a Release then frees: its next heartbeat loses it.
+    let (keepalive_tx, keepalive_rx) = tokio::sync::mpsc::channel::<KeepAliveRequest>(1);
+    let mut keepalive = c
         .keep_alive(tokio_stream::wrappers::ReceiverStream::new(keepalive_rx))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    let kept = acquire_ok(&mut c, "report-kept", 30.0).await;
+    let heartbeat = KeepAliveRequest {
+        keep: vec![LeaseRef {
+            resource: kept.resource.clone(),
+            token: kept.token.clone(),
+            ttl: Some(secs(30.0)),
+        }],
+        ..Default::default()
+    };
+    keepalive_tx.send(heartbeat.clone()).await.unwrap();
+    keepalive.message().await.unwrap().unwrap();
+    release(&mut c, &kept).await;
+    keepalive_tx.send(heartbeat).await.unwrap();
+    let lost = keepalive.message().await.unwrap().unwrap();
+    assert_ne!(lost.leases[0].status, LeaseStatus::Ok as i32, "{lost:?}");
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let text = loop {
         let text = scrape(metrics_port).await;
         if text.contains("lockd_leases_expired_total{prefix=\"\"} 1")
             && text.contains("lockd_open_streams{kind=\"keepalive\"} 1")
+            && text.contains("lockd_leases_lost_total{stream=\"keepalive\"} 1")
         {
             break text;
         }

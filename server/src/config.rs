@@ -872,6 +872,26 @@ mod tests {
     }
 
     #[test]
+    fn otlp_export_needs_the_feature_and_prefixes_are_bounded() {
+        let otlp = validated(&["--otlp-endpoint", "http://127.0.0.1:4317"]);
+        if cfg!(feature = "otlp") {
+            assert_eq!(otlp, Ok(()));
+        } else {
+            assert!(otlp.unwrap_err().contains("--features otlp"));
+        }
+        let many = (0..101)
+            .map(|i| format!("p{i}-"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = validated(&["--metrics-resource-prefixes", &many]).unwrap_err();
+        assert!(err.contains("LOCKD_METRICS_RESOURCE_PREFIXES"), "{err}");
+        assert_eq!(
+            validated(&["--metrics-resource-prefixes", "nightly-,report-"]),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn redacted_url_hides_the_password() {
         assert_eq!(redact_url("redis://:s3cret@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact_url("redis://u:p@h:1"), "redis://u:***@h:1");
