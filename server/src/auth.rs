@@ -384,13 +384,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// A caller of a lockd without an auth file (tests, and in-process use).
-    pub fn open() -> Self {
-        Auth::open()
-            .caller(&MetadataMap::new(), Access::Write, "")
-            .unwrap_or_else(|_| unreachable!("an open Auth lets every call in"))
-    }
-
     /// The caller's namespace.
     pub fn namespace(&self) -> Namespace {
         Namespace(self.entry.as_ref().map(|e| e.namespace.clone()))
