@@ -80,6 +80,19 @@ async fn raw_with(lockd: &Lockd, key: &str) -> AuthedClient {
     client_with(lockd, key).await.raw()
 }
 
+async fn watch_prefix(
+    c: &mut AuthedClient,
+    prefix: &str,
+) -> tonic::Streaming<lockd_client::proto::WatchResponse> {
+    c.watch(WatchRequest {
+        prefix: prefix.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 fn code<T>(r: Result<T, tonic::Status>) -> Code {
     r.map_or_else(|s| s.code(), |_| Code::Ok)
 }
@@ -144,14 +157,7 @@ async fn two_namespaces_never_see_or_touch_each_others_locks() {
     let (lockd, _file) = with_keys(&redis, &[KEY_A, KEY_B]).await;
     let mut a = raw_with(&lockd, KEY_A.3).await;
     let mut b = raw_with(&lockd, KEY_B.3).await;
-    let mut b_watch = b
-        .watch(WatchRequest {
-            prefix: "j".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut b_watch = watch_prefix(&mut b, "j").await;
 
     // The same name in two namespaces is two locks.
     let lease_a = a
@@ -289,15 +295,7 @@ async fn sighup_reload_revokes_a_removed_key_at_once_even_on_open_streams() {
             .await
             .unwrap()
     );
-    let mut watch_a = raw_with(&lockd, KEY_A.3)
-        .await
-        .watch(WatchRequest {
-            prefix: "w".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch_a = watch_prefix(&mut raw_with(&lockd, KEY_A.3).await, "w").await;
     // A stream of a key that stays, on the same kind of connection.
     let (tx2, mut replies2) = open_session(&lockd, KEY_A2.3).await;
     assert!(

@@ -320,10 +320,7 @@ impl Auth {
     /// read key on a write call.
     pub fn caller(&self, metadata: &MetadataMap, access: Access, rpc: &str) -> Result<Caller> {
         if self.file.is_none() {
-            return Ok(Caller {
-                entry: None,
-                keys: self.keys.subscribe(),
-            });
+            return Ok(Caller { key: None });
         }
         let key = bearer(metadata)?;
         let keys = self.keys.subscribe();
@@ -340,8 +337,7 @@ impl Auth {
             )));
         }
         Ok(Caller {
-            entry: Some(entry),
-            keys,
+            key: Some(KeyInForce { entry, keys }),
         })
     }
 }
@@ -378,20 +374,26 @@ fn bearer(metadata: &MetadataMap) -> Result<&str> {
 /// The key a request came with, checked again on every message of a stream.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// `None` when lockd runs open.
-    entry: Option<Arc<Entry>>,
+    /// `None` when lockd runs open: nothing to check, and nothing to follow.
+    key: Option<KeyInForce>,
+}
+
+/// A caller's entry, and the key set it is checked against as the file is reloaded.
+#[derive(Debug, Clone)]
+struct KeyInForce {
+    entry: Arc<Entry>,
     keys: watch::Receiver<Arc<KeySet>>,
 }
 
 impl Caller {
     /// The caller's namespace.
     pub fn namespace(&self) -> Namespace {
-        Namespace(self.entry.as_ref().map(|e| e.namespace.clone()))
+        Namespace(self.key.as_ref().map(|k| k.entry.namespace.clone()))
     }
 
     /// The key's name, for logs (never the key).
     pub fn name(&self) -> Option<&str> {
-        self.entry.as_ref().map(|e| &*e.name)
+        self.key.as_ref().map(|k| &*k.entry.name)
     }
 
     /// Whether the key is still in force, unchanged, in the auth file as last (re)loaded.
@@ -399,10 +401,10 @@ impl Caller {
     /// # Errors
     /// `UNAUTHENTICATED` once the key was removed or changed.
     pub fn check(&self) -> Result<()> {
-        let Some(entry) = &self.entry else {
+        let Some(KeyInForce { entry, keys }) = &self.key else {
             return Ok(());
         };
-        match self.keys.borrow().find(&entry.digest) {
+        match keys.borrow().find(&entry.digest) {
             Some(now) if now == entry => Ok(()),
             _ => Err(Error::Unauthenticated(format!(
                 "API key `{}` was revoked",
@@ -417,7 +419,11 @@ impl Caller {
             if let Err(e) = self.check() {
                 return e;
             }
-            if self.entry.is_none() || self.keys.changed().await.is_err() {
+            let changed = match &mut self.key {
+                Some(k) => k.keys.changed().await.is_ok(),
+                None => false,
+            };
+            if !changed {
                 return std::future::pending().await;
             }
         }
