@@ -253,6 +253,46 @@ async fn all_keys_of_a_resource_share_one_cluster_slot() {
     }
 }
 
+/// While a lease is held, its fencing counter lives the grace period (ten seconds) longer: the
+/// grant sets the counter's expiry in the same command that stores it, and every extension,
+/// longer or shorter, moves it with the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_key_outlives_a_held_and_extended_lease_by_the_grace_period() {
+    let s = Setup::new(Store::Redis).await;
+    let port = s.redis.as_ref().unwrap().port;
+    let mut c = s.client().await;
+    let pttl = |key: &'static str| async move {
+        redis_cmd::<i64>(port, deadpool_redis::redis::cmd("PTTL").arg(key))
+            .await
+            .unwrap()
+    };
+    let lease = acquire_ok(&mut c, "job-1", 30.0).await;
+    for (step, lock_ttl) in [
+        ("acquired", 30_000),
+        ("extended", 60_000),
+        ("shortened", 5_000),
+    ] {
+        match step {
+            "extended" => assert!(extend(&mut c, &lease, 60.0, true).await.extended),
+            "shortened" => assert!(extend(&mut c, &lease, 5.0, true).await.extended),
+            _ => {}
+        }
+        let (lock, fence) = (
+            pttl("lockd:{job-1}").await,
+            pttl("lockd:{job-1}:fence").await,
+        );
+        assert!(
+            lock > lock_ttl - 2_000 && lock <= lock_ttl,
+            "{step}: lock PTTL {lock}"
+        );
+        assert!(
+            (9_000..=10_500).contains(&(fence - lock)),
+            "{step}: the counter ends {} ms after the lease, not ten seconds",
+            fence - lock
+        );
+    }
+}
+
 /// The `:fence` key must not outlive the resource's last lease by more than the grace period
 /// (ten seconds) that covers a backward step of Redis's clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,12 +111,17 @@ local function granted_from_queue()
   end
 end
 
--- The next fencing token, as a number and as a string, stored in KEYS[2] (whose expiry the
--- caller then sets through set_lifetime).
-local function next_fence()
+-- The next fencing token, as a number and as a string, stored in KEYS[2]. With `lifetime` (ms)
+-- the counter expires that long from now, in the same command; without, the caller sets its
+-- expiry through set_lifetime.
+local function next_fence(lifetime)
   local fence = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, tonumber(now_us))
   local fence_s = string.format('%.0f', fence)
-  redis.call('SET', KEYS[2], fence_s)
+  if lifetime then
+    redis.call('SET', KEYS[2], fence_s, 'PX', lifetime)
+  else
+    redis.call('SET', KEYS[2], fence_s)
+  end
   return fence, fence_s
 end
 
@@ -198,7 +203,7 @@ if limit == 1 then
     return {BUSY, now, stale - now}
   end
   leave_queue()
-  local fence, fence_s = next_fence()
+  local fence, fence_s = next_fence(ttl + grace)
   local hash = {'t', token, 'o', ARGV[3], 'f', fence_s, 'a', now_s}
   if renewer ~= '' then
     hash[#hash + 1] = 'k'
@@ -216,7 +221,6 @@ if limit == 1 then
   redis.call('HSET', KEYS[1], unpack(hash))
   -- ARGV[2] rather than ttl: Redis would format a Lua number with printf.
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  redis.call('PEXPIREAT', KEYS[2], now + ttl + grace)
   event('A', ARGV[3], fence_s, now + ttl)
   granted_from_queue()
   return {GRANTED, fence, now, 1}

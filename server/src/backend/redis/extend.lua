@@ -24,41 +24,51 @@
 local now, now_s = clock()
 local token = ARGV[1]
 local grace = tonumber(ARGV[8])
-local semaphore = redis.call('HGET', KEYS[1], 'n')
+-- One read for a mutex: its fields, the renewer (k) and w; n only a semaphore has.
+local h = redis.call('HMGET', KEYS[1], 'n', 't', 'f', 'o', 'r', 'k', 'w')
+local semaphore = h[1]
+local renewer_field, renewer = 'k', h[6]
 local fence, owner, remaining
 if semaphore then
-  local h = redis.call('HMGET', KEYS[1], 'f:' .. token, 'o:' .. token, 'r:' .. token, 'e:' .. token)
+  renewer_field = 'k:' .. token
+  h = redis.call('HMGET', KEYS[1], 'f:' .. token, 'o:' .. token, 'r:' .. token, 'e:' .. token, renewer_field)
   if not h[1] or h[3] or tonumber(h[4]) <= now then
     return {NOT_HELD}
   end
-  fence, owner, remaining = h[1], h[2], tonumber(h[4]) - now
+  fence, owner, remaining, renewer = h[1], h[2], tonumber(h[4]) - now, h[5]
 else
-  local h = redis.call('HMGET', KEYS[1], 't', 'f', 'o', 'r')
-  if not h[1] then
+  if not h[2] then
     return {NOT_HELD}
   end
   -- The token first, as release.lua does: a lease in its minimum hold is still another
   -- token's lease to a stranger, and no longer extendable by its own token.
-  if h[1] ~= token then
+  if h[2] ~= token then
     return {HELD_BY_OTHER}
   end
-  if h[4] then
+  if h[5] then
     return {NOT_HELD}
   end
-  fence, owner, remaining = h[2], h[3], math.max(redis.call('PTTL', KEYS[1]), 0)
+  fence, owner = h[3], h[4]
+  -- The remaining time is only needed to add to it, or to wake waiters (w) if the new TTL is
+  -- shorter: a KeepAlive renewal that replaces the TTL of a lease nobody waits for skips PTTL.
+  if ARGV[3] ~= '1' or h[7] then
+    remaining = math.max(redis.call('PTTL', KEYS[1]), 0)
+  end
 end
 local ttl = tonumber(ARGV[2])
 if ARGV[3] ~= '1' then
   ttl = ttl + remaining
 end
 ttl = math.min(ttl, tonumber(ARGV[4]))
-if ttl < remaining then
+if remaining and ttl < remaining then
   shortened(KEYS[1], KEYS[3], ARGV[9], ARGV[6])
 end
-local renewer_field = semaphore and ('k:' .. token) or 'k'
+-- The renewer is written only when it changes: a stream's renewals leave it as it is.
 if ARGV[7] == '' then
-  redis.call('HDEL', KEYS[1], renewer_field)
-else
+  if renewer then
+    redis.call('HDEL', KEYS[1], renewer_field)
+  end
+elseif renewer ~= ARGV[7] then
   redis.call('HSET', KEYS[1], renewer_field, ARGV[7])
 end
 if semaphore then
