@@ -1,6 +1,8 @@
 //! Differential test: one seeded random history of lock operations runs, step by step, against a
 //! lockd on the embedded memory backend and a lockd on Redis, and both must answer alike. The
-//! two backends promise the same semantics, so any disagreement is a bug in one of them.
+//! two backends promise the same semantics, so any disagreement is a bug in one of them. The
+//! history also runs on each lockd with its Acquire, Release and Extend sent as operations on
+//! one Session stream, which promises the unary RPCs' answers.
 //!
 //! Answers are compared after removing what may legitimately differ: times and expiries, the
 //! text of server-generated tokens and peer addresses, and fencing token *values* (compared by
@@ -16,12 +18,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use lockd_client::proto::session_request::Op as SessionOp;
+use lockd_client::proto::session_response::Reply;
 use lockd_client::proto::{
-    AcquireRequest, ExtendRequest, GetOwnerRequest, IsLockedRequest, Lease, LeaseStatus,
-    ListLocksRequest, LockInfo, ReleaseRequest,
+    AcquireRequest, AcquireResponse, ExtendRequest, ExtendResponse, GetOwnerRequest,
+    IsLockedRequest, Lease, LeaseStatus, ListLocksRequest, LockInfo, ReleaseRequest,
+    ReleaseResponse, SessionRequest, SessionResponse,
 };
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tonic::Code;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
 
 use crate::support::*;
 
@@ -460,9 +467,78 @@ fn minutes(ms: i64) -> i64 {
     (ms + 30_000).div_euclid(60_000)
 }
 
+/// How a run sends Acquire, Release and Extend.
+enum Path {
+    Unary,
+    Session(Box<SessionPort>),
+}
+
+/// A run's Session stream, and the id of its last operation.
+struct SessionPort {
+    tx: mpsc::Sender<SessionRequest>,
+    replies: tonic::Streaming<SessionResponse>,
+    last_id: u64,
+}
+
+impl SessionPort {
+    async fn open(client: &mut Client) -> Self {
+        let (tx, rx) = mpsc::channel(8);
+        let replies = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .expect("a Session stream opens")
+            .into_inner();
+        Self {
+            tx,
+            replies,
+            last_id: 0,
+        }
+    }
+
+    /// Sends one operation and returns its reply; a session operation that fails carries the
+    /// unary RPC's status, which is returned as that status. Operations go one at a time, so
+    /// the only other messages are `lost` notices (request id 0) for leases the history let
+    /// expire: they are skipped.
+    async fn call(&mut self, op: SessionOp) -> Result<Reply, Status> {
+        self.last_id += 1;
+        let id = self.last_id;
+        let request = SessionRequest {
+            request_id: id,
+            op: Some(op),
+            ..Default::default()
+        };
+        if self.tx.send(request).await.is_err() {
+            return Err(Status::unavailable("the Session stream ended"));
+        }
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.replies.message())
+                .await
+                .map_err(|_| Status::deadline_exceeded("no Session reply within 10 s"))??;
+            let Some(response) = message else {
+                return Err(Status::unavailable("the Session stream ended"));
+            };
+            if response.request_id != id {
+                continue;
+            }
+            return match response.reply {
+                Some(Reply::Error(e)) => Err(Status::new(Code::from(e.code), e.message)),
+                Some(reply) => Ok(reply),
+                None => Err(Status::internal("a Session reply without an answer")),
+            };
+        }
+    }
+}
+
+fn unexpected(what: &str, reply: Reply) -> Status {
+    Status::internal(format!(
+        "expected {what} reply on the Session, got {reply:?}"
+    ))
+}
+
 /// One history's run against one backend: its tokens and the fencing tokens it has shown.
 struct Run {
     client: Client,
+    path: Path,
     /// Namespace of this run's resources, so that replays (when shrinking) start from free locks.
     namespace: String,
     /// The token each (client, resource) last got.
@@ -475,9 +551,49 @@ impl Run {
     fn new(client: Client, namespace: &str) -> Self {
         Self {
             client,
+            path: Path::Unary,
             namespace: namespace.to_owned(),
             tokens: HashMap::new(),
             fences: HashMap::new(),
+        }
+    }
+
+    /// A run whose Acquire, Release and Extend go on one Session stream.
+    async fn on_session(mut client: Client, namespace: &str) -> Self {
+        let port = SessionPort::open(&mut client).await;
+        Self {
+            path: Path::Session(Box::new(port)),
+            ..Self::new(client, namespace)
+        }
+    }
+
+    async fn acquire(&mut self, req: AcquireRequest) -> Result<AcquireResponse, Status> {
+        match &mut self.path {
+            Path::Unary => Ok(self.client.acquire(req).await?.into_inner()),
+            Path::Session(port) => match port.call(SessionOp::Acquire(req)).await? {
+                Reply::Acquire(r) => Ok(r),
+                other => Err(unexpected("an acquire", other)),
+            },
+        }
+    }
+
+    async fn release(&mut self, req: ReleaseRequest) -> Result<ReleaseResponse, Status> {
+        match &mut self.path {
+            Path::Unary => Ok(self.client.release(req).await?.into_inner()),
+            Path::Session(port) => match port.call(SessionOp::Release(req)).await? {
+                Reply::Release(r) => Ok(r),
+                other => Err(unexpected("a release", other)),
+            },
+        }
+    }
+
+    async fn extend(&mut self, req: ExtendRequest) -> Result<ExtendResponse, Status> {
+        match &mut self.path {
+            Path::Unary => Ok(self.client.extend(req).await?.into_inner()),
+            Path::Session(port) => match port.call(SessionOp::Extend(req)).await? {
+                Reply::Extend(r) => Ok(r),
+                other => Err(unexpected("an extend", other)),
+            },
         }
     }
 
@@ -552,8 +668,11 @@ impl Run {
         match self.call(op).await {
             Ok(answer) => answer,
             Err(status) => {
+                // Messages name resources with the run's namespace, which differs between runs.
                 let message = match status.code() {
-                    Code::InvalidArgument | Code::FailedPrecondition => status.message().to_owned(),
+                    Code::InvalidArgument | Code::FailedPrecondition => {
+                        status.message().replace(&self.namespace, "")
+                    }
                     _ => String::new(),
                 };
                 Answer::Error {
@@ -601,7 +720,7 @@ impl Run {
                     req.labels.insert("client".into(), format!("c{client}"));
                     req.labels.insert("kind".into(), "differential".into());
                 }
-                let r = self.client.acquire(req).await?.into_inner();
+                let r = self.acquire(req).await?;
                 let lease = r.lease.map(|l| {
                     if r.acquired {
                         self.tokens.insert((client, resource), l.token.clone());
@@ -635,15 +754,13 @@ impl Run {
                     Linger::KeepUntilLater => (None, Some(keep_until(now_ms() + 3_600_000))),
                 };
                 let r = self
-                    .client
                     .release(ReleaseRequest {
                         resource: self.name(resource),
                         token: self.token(client, resource, token),
                         min_hold,
                         keep_until,
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 let now = now_ms();
                 Ok(Answer::Release {
                     released: r.released,
@@ -666,15 +783,13 @@ impl Run {
                     ExtendTtl::Short => SHORT_TTL_MS as f64 / 1000.0,
                 };
                 let r = self
-                    .client
                     .extend(ExtendRequest {
                         resource: self.name(resource),
                         token: self.token(client, resource, token),
                         ttl: Some(secs(ttl_s)),
                         replace_ttl: replace,
                     })
-                    .await?
-                    .into_inner();
+                    .await?;
                 let status = r.status();
                 let lease = r.lease.map(|l| {
                     let ttl = match &l.ttl {
@@ -826,7 +941,7 @@ impl Run {
     }
 }
 
-/// The two lockd processes under test.
+/// The two lockd processes under test (memory and Redis).
 struct Backends {
     memory: Setup,
     redis: Setup,
@@ -839,7 +954,10 @@ struct Backends {
 struct Disagreement {
     step: usize,
     memory: Answer,
+    /// The answer of the run that disagreed with memory's unary one ([`Disagreement::path`]).
     redis: Answer,
+    /// Which run that was: "redis", "session" (Redis, on a Session stream) or "memory session".
+    path: &'static str,
     /// Each earlier step with the (equal) answer both gave.
     before: Vec<Answer>,
 }
@@ -858,19 +976,39 @@ impl Backends {
         let namespace = format!("h{}/", self.replays);
         self.replays += 1;
         let mut memory = Run::new(self.memory.client().await, &namespace);
-        let mut redis = Run::new(self.redis.client().await, &namespace);
+        // The other runs, each compared with memory's unary answers. The Session runs use their
+        // own namespace on the same lockd: "h<n>s/" is not under "h<n>/".
+        let session_namespace = format!("h{}s/", self.replays - 1);
+        let mut others = [
+            ("redis", Run::new(self.redis.client().await, &namespace)),
+            (
+                "session",
+                Run::on_session(self.redis.client().await, &session_namespace).await,
+            ),
+            (
+                "memory session",
+                Run::on_session(self.memory.client().await, &session_namespace).await,
+            ),
+        ];
         let mut before = Vec::new();
         for (step, op) in ops.iter().enumerate() {
             let m = memory.step(op).await;
-            let r = redis.step(op).await;
+            let mut differs = None;
+            for (path, run) in &mut others {
+                let answer = run.step(op).await;
+                if differs.is_none() && answer != m {
+                    differs = Some((*path, answer));
+                }
+            }
             if op.expires() {
                 tokio::time::sleep(EXPIRY_PAUSE).await;
             }
-            if m != r {
+            if let Some((path, redis)) = differs {
                 return Some(Disagreement {
                     step,
                     memory: m,
-                    redis: r,
+                    redis,
+                    path,
                     before,
                 });
             }
@@ -1003,11 +1141,12 @@ fn seeds() -> Vec<u64> {
 fn report(seed: u64, ops: &[Op], d: &Disagreement, shrunk: &Shrunk) -> String {
     let mut out = format!(
         "seed {seed} (rerun with LOCKD_DIFF_SEED={seed}): the backends disagree at step {} of {}\n  \
-         op:     {}\n  memory: {:?}\n  redis:  {:?}\n  steps before (answer of both):\n",
+         op:     {}\n  memory: {:?}\n  {}: {:?}\n  steps before (answer of all):\n",
         d.step,
         ops.len(),
         ops[d.step],
         d.memory,
+        d.path,
         d.redis
     );
     let from = d.step.saturating_sub(CONTEXT_STEPS);
@@ -1034,8 +1173,8 @@ fn history(ops: &[Op], last: &Disagreement) -> String {
             Some(both) => out += &format!("    {i:>3}. {op}\n         -> {both:?}\n"),
             None => {
                 out += &format!(
-                    "    {i:>3}. {op}\n         memory -> {:?}\n         redis  -> {:?}\n",
-                    last.memory, last.redis
+                    "    {i:>3}. {op}\n         memory -> {:?}\n         {} -> {:?}\n",
+                    last.memory, last.path, last.redis
                 )
             }
         }
@@ -1104,7 +1243,7 @@ fn recorded_histories() -> Vec<(&'static str, Vec<Op>)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_and_redis_backends_answer_the_same_random_history() {
+async fn memory_redis_and_session_paths_answer_the_same_random_history() {
     let mut backends = Backends::start().await;
     let mut failures = Vec::new();
     for seed in seeds() {
@@ -1130,14 +1269,14 @@ async fn memory_and_redis_backends_answer_the_same_random_history() {
     }
     assert!(
         failures.is_empty(),
-        "{} seed(s) found a disagreement between the memory and Redis backends:\n\n{}",
+        "{} seed(s) found a disagreement between the memory and Redis backends (unary or Session):\n\n{}",
         failures.len(),
         failures.join("\n")
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_and_redis_backends_answer_the_same_recorded_histories() {
+async fn memory_redis_and_session_paths_answer_the_same_recorded_histories() {
     let mut backends = Backends::start().await;
     let mut failures = Vec::new();
     for (behaviour, ops) in recorded_histories() {
@@ -1147,7 +1286,7 @@ async fn memory_and_redis_backends_answer_the_same_recorded_histories() {
     }
     assert!(
         failures.is_empty(),
-        "{} recorded history(ies) still disagree between the memory and Redis backends:\n\n{}",
+        "{} recorded history(ies) still disagree between the memory and Redis backends (unary or Session):\n\n{}",
         failures.len(),
         failures.join("\n")
     );
