@@ -48,7 +48,7 @@ pub fn scratch_dir(what: &str) -> PathBuf {
     dir
 }
 
-fn require(program: &str, install: &str) {
+pub fn require(program: &str, install: &str) {
     let found = Command::new(program)
         .arg("--version")
         .stdout(Stdio::null())
@@ -742,6 +742,28 @@ pub async fn redis_cmd<T: redis::FromRedisValue>(
     cmd.query_async(&mut c).await
 }
 
+/// Starts a redis-sentinel on `port` (loopback, in a scratch directory) with `config` after the
+/// basics; the caller stops it.
+pub fn spawn_sentinel(port: u16, config: &str) -> Child {
+    let dir = scratch_dir("sentinel");
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n{config}",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    Command::new("redis-sentinel")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-sentinel")
+}
+
 /// Redis Sentinel: a master, a replica and three sentinels on loopback, as in
 /// `../shared/notes/stack.md`.
 pub struct SentinelGroup {
@@ -778,27 +800,15 @@ impl SentinelGroup {
         let mut sentinel_ports = Vec::new();
         for _ in 0..3 {
             let port = free_port();
-            let dir = scratch_dir("sentinel");
-            let conf = dir.join("sentinel.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
-                     sentinel monitor {name} 127.0.0.1 {m} 2\n\
+            let child = spawn_sentinel(
+                port,
+                &format!(
+                    "sentinel monitor {name} 127.0.0.1 {m} 2\n\
                      sentinel down-after-milliseconds {name} 1000\n\
                      sentinel failover-timeout {name} 3000\n\
-                     sentinel parallel-syncs {name} 1\n",
-                    dir.display()
+                     sentinel parallel-syncs {name} 1\n"
                 ),
-            )
-            .unwrap();
-            let child = Command::new("redis-sentinel")
-                .arg(&conf)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-sentinel");
+            );
             sentinels.push(child);
             sentinel_ports.push(port);
         }
@@ -951,18 +961,7 @@ impl Cluster {
         );
         let cluster = Self { nodes };
         for n in &cluster.nodes {
-            let port = n.port;
-            eventually(
-                Duration::from_secs(30),
-                "the cluster is ok on every node",
-                || async move {
-                    let info: String = redis_cmd(port, redis::cmd("CLUSTER").arg("INFO"))
-                        .await
-                        .unwrap_or_default();
-                    info.contains("cluster_state:ok")
-                },
-            )
-            .await;
+            cluster_becomes_ok(n.port).await;
         }
         if replicas > 0 {
             for n in &cluster.nodes {
@@ -1010,6 +1009,21 @@ impl Cluster {
     fn pids(&self) -> Vec<u32> {
         self.nodes.iter().map(RedisServer::pid).collect()
     }
+}
+
+/// Waits until the cluster node at `port` (plain) reports `cluster_state:ok`.
+pub async fn cluster_becomes_ok(port: u16) {
+    eventually(
+        Duration::from_secs(30),
+        "the cluster is ok on every node",
+        || async move {
+            let info: String = redis_cmd(port, redis::cmd("CLUSTER").arg("INFO"))
+                .await
+                .unwrap_or_default();
+            info.contains("cluster_state:ok")
+        },
+    )
+    .await;
 }
 
 /// The test binary's Sentinel group, started on first use.
