@@ -76,6 +76,13 @@ pub struct Config {
     #[arg(long, env = "LOCKD_REDIS_POOL_SIZE", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=256))]
     pub redis_pool_size: u32,
 
+    /// The most lock operations sent to Redis as one script call. While every connection
+    /// already has two script calls in flight, further operations queue and leave together in
+    /// one call of a batch script, which saves Redis its per-call work; 1 turns batching off.
+    /// Never in Cluster mode, where one script's keys must share a hash slot.
+    #[arg(long, env = "LOCKD_REDIS_BATCH", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub redis_batch: u32,
+
     /// Time limit for connecting to Redis and for each Redis reply (e.g. 2s, 500ms).
     #[arg(long, env = "LOCKD_REDIS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub redis_timeout: Duration,
@@ -307,6 +314,8 @@ pub struct RedisConfig {
     pub target: RedisTarget,
     /// Number of multiplexed connections; 0 means one per runtime worker thread.
     pub pool_size: usize,
+    /// The most operations in one batch script call; 1 for none (`--redis-batch`).
+    pub batch: usize,
     /// Connect and reply time limit.
     pub timeout: Duration,
     /// Key prefix.
@@ -330,6 +339,7 @@ impl std::fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("target", &self.describe())
             .field("pool_size", &self.pool_size)
+            .field("batch", &self.batch)
             .field("timeout", &self.timeout)
             .field("key_prefix", &self.key_prefix)
             .field("allow_evicting", &self.allow_evicting)
@@ -633,6 +643,7 @@ impl Config {
         Some(RedisConfig {
             target: target.clone(),
             pool_size: self.redis_pool_size as usize,
+            batch: self.redis_batch as usize,
             timeout: self.redis_timeout,
             key_prefix: self.key_prefix.clone(),
             allow_evicting: self.allow_evicting_redis,

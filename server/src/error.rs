@@ -3,7 +3,7 @@
 use tonic::Status;
 
 /// Why a lockd request failed. Contention and "not held" are outcomes, never errors.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request broke a validation rule; the message names the field and the rule.
     #[error("{0}")]

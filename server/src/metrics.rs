@@ -49,6 +49,9 @@ pub const STREAMS: &str = "lockd_open_streams";
 pub const HANDOFFS: &str = "lockd_handoffs_total";
 /// Redis call latency by `command` (the script or command name).
 pub const REDIS_SECONDS: &str = "lockd_redis_command_duration_seconds";
+/// Lock operations sent to Redis in batches of two or more (`--redis-batch`); the batches
+/// themselves are the `batch` command of [`REDIS_SECONDS`].
+pub const REDIS_BATCHED: &str = "lockd_redis_batched_operations_total";
 /// Redis errors by `kind` (`timeout`, `connection`, `response`, `other`).
 pub const REDIS_ERRORS: &str = "lockd_redis_errors_total";
 /// Open shared Redis connections.
@@ -61,7 +64,7 @@ pub const REDIS_SUBSCRIPTION_UP: &str = "lockd_redis_subscription_up";
 pub const BACKEND_UP: &str = "lockd_backend_up";
 
 /// Every metric name, for documentation tests.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     RPCS,
     RPC_SECONDS,
     ACQUIRES,
@@ -75,6 +78,7 @@ pub const ALL: [&str; 19] = [
     STREAMS,
     HANDOFFS,
     REDIS_SECONDS,
+    REDIS_BATCHED,
     REDIS_ERRORS,
     REDIS_CONNECTIONS,
     REDIS_CONNECTIONS_MAX,
@@ -303,6 +307,11 @@ impl Drop for OpenStream {
 /// Records one Redis call's latency.
 pub fn redis_call(command: &'static str, took: Duration) {
     histogram!(REDIS_SECONDS, "command" => command).record(took.as_secs_f64());
+}
+
+/// Counts `ops` lock operations sent in one batch.
+pub fn redis_batched(ops: usize) {
+    counter!(REDIS_BATCHED).increment(ops as u64);
 }
 
 /// Starts the Redis error counters at zero, so that an alert on their rate has a series.

@@ -20,6 +20,7 @@
 //! `WAIT N timeout` on the same connection. A grant that too few replicas acknowledged is
 //! undone and answered `UNAVAILABLE`, since a failover could lose it.
 
+mod batch;
 mod reply;
 mod scripts;
 mod sentinel;
@@ -35,6 +36,7 @@ use std::time::Duration;
 use deadpool_redis::redis::{self, AsyncConnectionConfig, RedisError, Value};
 use tokio_util::sync::CancellationToken;
 
+use self::batch::{Batcher, Call, Kind};
 use self::reply::{AcquireReply, ExtendReply, ReleaseReply, decode_inspect};
 use self::scripts::Scripts;
 use self::subscriber::Subscriber;
@@ -70,6 +72,9 @@ pub struct RedisBackend {
     /// Round-robin cursor over `conns`.
     next: AtomicUsize,
     scripts: Scripts,
+    /// Batches lock scripts while Redis is busy; `None` in Cluster mode or with
+    /// `--redis-batch 1`.
+    batcher: Option<Batcher>,
     prefix: String,
     /// `<prefix>:released`: release.lua and dequeue.lua publish wake-ups here.
     released_channel: String,
@@ -185,6 +190,15 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// lockd's wall clock in ms since the epoch: the time of a release the script did not stamp.
+fn unix_now() -> UnixMillis {
+    millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
+
 /// A duration in whole milliseconds, as a timestamp offset.
 fn millis(d: Duration) -> UnixMillis {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -270,6 +284,13 @@ impl RedisBackend {
             .set_connection_timeout(timeout)
             .set_response_timeout(timeout);
         let topology = Topology::new(config)?;
+        let cluster = topology.is_cluster();
+        let (batcher, queue) = if cluster || config.batch <= 1 {
+            (None, None)
+        } else {
+            let (b, q) = Batcher::new(pool_size * batch::SLOTS_PER_CONNECTION);
+            (Some(b), Some(q))
+        };
         let sentinel = match &topology {
             Topology::Sentinel(s) => Some(s.clone()),
             _ => None,
@@ -283,7 +304,8 @@ impl RedisBackend {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             next: AtomicUsize::new(0),
-            scripts: Scripts::new(),
+            scripts: Scripts::new(cluster),
+            batcher,
             prefix: config.key_prefix.clone(),
             released_channel: format!("{}:released", config.key_prefix),
             events_channel: format!("{}:events", config.key_prefix),
@@ -294,6 +316,14 @@ impl RedisBackend {
             min_replica_acks: config.min_replica_acks,
             replica_ack_timeout: config.replica_ack_timeout,
         });
+        if let Some(queue) = queue {
+            tokio::spawn(batch::run(
+                backend.clone(),
+                queue,
+                config.batch,
+                shutdown.clone(),
+            ));
+        }
         if let Some(sentinel) = sentinel {
             let b = backend.clone();
             tokio::spawn(sentinel.follow(move || b.forget_all(), shutdown.clone()));
@@ -522,6 +552,38 @@ impl RedisBackend {
         }
     }
 
+    /// Runs a lock script call: alone and at once while a slot is free (or batching is off),
+    /// otherwise in the next batch ([`batch`]).
+    async fn script(&self, call: Call) -> Result<(Value, Conn)> {
+        let Some(batcher) = &self.batcher else {
+            return self.run_alone(&call).await;
+        };
+        match batcher.free_slot() {
+            Some(_slot) => self.run_alone(&call).await,
+            None => batcher.queue(call).await,
+        }
+    }
+
+    /// Runs one lock script call by itself; an acquire as [`Self::run_idempotent`].
+    async fn run_alone(&self, call: &Call) -> Result<(Value, Conn)> {
+        let script = match call.kind {
+            Kind::Acquire => &self.scripts.acquire,
+            Kind::Release => &self.scripts.release,
+            Kind::Extend => &self.scripts.extend,
+        };
+        let mut inv = script.prepare_invoke();
+        for key in &call.keys {
+            inv.key(key);
+        }
+        for arg in &call.args {
+            inv.arg(&arg[..]);
+        }
+        match call.kind {
+            Kind::Acquire => self.run_idempotent(call.kind.name(), &inv).await,
+            _ => self.run(call.kind.name(), &inv).await,
+        }
+    }
+
     /// Runs a plain command or pipeline on a shared connection.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Pipeline) -> Result<T> {
         let (mut conn, _) = self.conn().await?;
@@ -555,9 +617,7 @@ impl RedisBackend {
             max_ttl: p.ttl,
             only_if_renewer: None,
         };
-        let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
-        self.release_args(&mut inv, &undo);
-        if let Err(e) = self.run("release", &inv).await {
+        if let Err(e) = self.run_alone(&self.release_call(&undo)).await {
             tracing::warn!(resource = %p.resource, error = %e, "cannot undo an unacknowledged \
                 grant; it stays until its TTL");
         }
@@ -591,36 +651,10 @@ impl RedisBackend {
         ))
     }
 
-    /// The keys (after the first) and arguments of release.lua for `p`.
-    fn release_args(&self, inv: &mut redis::ScriptInvocation<'_>, p: &ReleaseParams) {
-        inv.key(self.key(&p.resource, ":queue"))
-            .key(self.key(&p.resource, ":fence"))
-            .arg(p.token.expose())
-            .arg(&self.released_channel)
-            .arg(&self.events_channel)
-            .arg(&p.resource)
-            .arg(p.keep_until.unwrap_or(0))
-            .arg(ms(p.min_hold))
-            .arg(ms(p.max_ttl))
-            .arg(if p.only_if_renewer.is_some() {
-                "1"
-            } else {
-                "0"
-            })
-            .arg(p.only_if_renewer.as_deref().unwrap_or(""))
-            .arg(ms(FENCE_GRACE));
-    }
-
-    async fn inspect_key(&self, resource: &str) -> Result<Option<Holders>> {
-        let inv = self.scripts.inspect.key(self.key(resource, ""));
-        decode_inspect(self.run_idempotent("inspect", &inv).await?.0, resource)
-    }
-}
-
-impl Backend for RedisBackend {
-    async fn acquire(&self, p: &AcquireParams) -> Result<AcquireOutcome> {
-        let mut inv = self.scripts.acquire.key(self.key(&p.resource, ""));
-        inv.key(self.key(&p.resource, ":fence"))
+    /// The call of acquire.lua for `p`.
+    fn acquire_call(&self, p: &AcquireParams) -> Call {
+        let mut call = Call::new(Kind::Acquire, self.key(&p.resource, ""));
+        call.key(self.key(&p.resource, ":fence"))
             .key(self.key(&p.resource, ":queue"))
             .key(self.key(&p.resource, ":qexp"))
             .arg(p.token.expose())
@@ -636,10 +670,60 @@ impl Backend for RedisBackend {
             .arg(&self.released_channel)
             .arg(p.renewer.as_deref().unwrap_or(""));
         for (name, value) in &p.labels {
-            inv.arg(name).arg(value);
+            call.arg(name).arg(value);
         }
+        call
+    }
+
+    /// The call of extend.lua for `p`.
+    fn extend_call(&self, p: &ExtendParams) -> Call {
+        let mut call = Call::new(Kind::Extend, self.key(&p.resource, ""));
+        call.key(self.key(&p.resource, ":fence"))
+            .key(self.key(&p.resource, ":queue"))
+            .arg(p.token.expose())
+            .arg(ms(p.ttl))
+            .arg(if p.replace_ttl { "1" } else { "0" })
+            .arg(ms(p.max_ttl))
+            .arg(&self.events_channel)
+            .arg(&p.resource)
+            .arg(p.renewer.as_deref().unwrap_or(""))
+            .arg(ms(FENCE_GRACE))
+            .arg(&self.released_channel);
+        call
+    }
+
+    /// The call of release.lua for `p`.
+    fn release_call(&self, p: &ReleaseParams) -> Call {
+        let mut call = Call::new(Kind::Release, self.key(&p.resource, ""));
+        call.key(self.key(&p.resource, ":queue"))
+            .key(self.key(&p.resource, ":fence"))
+            .arg(p.token.expose())
+            .arg(&self.released_channel)
+            .arg(&self.events_channel)
+            .arg(&p.resource)
+            .arg(p.keep_until.unwrap_or(0))
+            .arg(ms(p.min_hold))
+            .arg(ms(p.max_ttl))
+            .arg(if p.only_if_renewer.is_some() {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(p.only_if_renewer.as_deref().unwrap_or(""))
+            .arg(ms(FENCE_GRACE));
+        call
+    }
+
+    async fn inspect_key(&self, resource: &str) -> Result<Option<Holders>> {
+        let inv = self.scripts.inspect.key(self.key(resource, ""));
+        decode_inspect(self.run_idempotent("inspect", &inv).await?.0, resource)
+    }
+}
+
+impl Backend for RedisBackend {
+    async fn acquire(&self, p: &AcquireParams) -> Result<AcquireOutcome> {
         let since = tokio::time::Instant::now();
-        let (reply, mut conn) = self.run_idempotent("acquire", &inv).await?;
+        let (reply, mut conn) = self.script(self.acquire_call(p)).await?;
         match AcquireReply::decode(reply, &p.resource)? {
             AcquireReply::Granted {
                 fencing_token,
@@ -669,9 +753,7 @@ impl Backend for RedisBackend {
     }
 
     async fn release(&self, p: &ReleaseParams) -> Result<ReleaseOutcome> {
-        let mut inv = self.scripts.release.key(self.key(&p.resource, ""));
-        self.release_args(&mut inv, p);
-        let (reply, mut conn) = self.run("release", &inv).await?;
+        let (reply, mut conn) = self.script(self.release_call(p)).await?;
         let (status, frees_at) = match ReleaseReply::decode(reply)? {
             ReleaseReply::Released { frees_at } => {
                 if !self.replicated(&mut conn, &p.resource).await? {
@@ -680,7 +762,7 @@ impl Backend for RedisBackend {
                          the lease back until its TTL)",
                     ));
                 }
-                (LeaseStatus::Ok, Some(frees_at))
+                (LeaseStatus::Ok, Some(frees_at.unwrap_or_else(unix_now)))
             }
             ReleaseReply::NotHeld => (LeaseStatus::NotHeld, None),
             ReleaseReply::HeldByOther => (LeaseStatus::HeldByOther, None),
@@ -689,24 +771,12 @@ impl Backend for RedisBackend {
     }
 
     async fn extend(&self, p: &ExtendParams) -> Result<ExtendOutcome> {
-        let mut inv = self.scripts.extend.key(self.key(&p.resource, ""));
-        inv.key(self.key(&p.resource, ":fence"))
-            .key(self.key(&p.resource, ":queue"))
-            .arg(p.token.expose())
-            .arg(ms(p.ttl))
-            .arg(if p.replace_ttl { "1" } else { "0" })
-            .arg(ms(p.max_ttl))
-            .arg(&self.events_channel)
-            .arg(&p.resource)
-            .arg(p.renewer.as_deref().unwrap_or(""))
-            .arg(ms(FENCE_GRACE))
-            .arg(&self.released_channel);
         let not = |status| ExtendOutcome {
             status,
             lease: None,
         };
         let since = tokio::time::Instant::now();
-        let (reply, mut conn) = self.run("extend", &inv).await?;
+        let (reply, mut conn) = self.script(self.extend_call(p)).await?;
         match ExtendReply::decode(reply)? {
             ExtendReply::Extended {
                 fencing_token,
@@ -856,6 +926,7 @@ mod tests {
                 url: "redis://127.0.0.1:1".into(),
             },
             pool_size,
+            batch: 32,
             timeout: Duration::from_secs(1),
             key_prefix: "lockd".into(),
             allow_evicting: false,
@@ -918,6 +989,7 @@ mod tests {
                     url: format!("redis://127.0.0.1:{}", self.port),
                 },
                 pool_size: 1,
+                batch: 32,
                 timeout: Duration::from_secs(5),
                 key_prefix: "lockd".into(),
                 allow_evicting: false,
@@ -959,6 +1031,135 @@ mod tests {
         let (b, shutdown) = redis.backend();
         checks::a_fair_queue_head_in_the_way_reports_when_it_goes_stale(&*b, 1).await;
         checks::a_fair_queue_head_in_the_way_reports_when_it_goes_stale(&*b, 2).await;
+        shutdown.cancel();
+    }
+
+    fn acquire(resource: &str, token: &str) -> AcquireParams {
+        AcquireParams {
+            resource: resource.into(),
+            token: crate::lock::Token::new(token.into()),
+            owner: "batch-test".into(),
+            ttl: Duration::from_secs(30),
+            labels: Default::default(),
+            limit: 1,
+            fair: None,
+            waiting: false,
+            new_token: false,
+            renewer: None,
+        }
+    }
+
+    fn release(resource: &str, token: &str) -> ReleaseParams {
+        ReleaseParams {
+            resource: resource.into(),
+            token: crate::lock::Token::new(token.into()),
+            keep_until: None,
+            min_hold: Duration::ZERO,
+            max_ttl: Duration::from_secs(3600),
+            only_if_renewer: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn operations_in_one_batch_answer_as_if_sent_one_after_another() {
+        let redis = LocalRedis::start();
+        let (b, shutdown) = redis.backend();
+        // A foreign value under a lock key: its acquire fails with WRONGTYPE inside the batch.
+        let _: () = b
+            .query(redis::pipe().cmd("SET").arg(b.key("odd", "")).arg("x"))
+            .await
+            .unwrap();
+        let extend = ExtendParams {
+            resource: "x".into(),
+            token: crate::lock::Token::new("A".into()),
+            ttl: Duration::from_secs(30),
+            replace_ttl: true,
+            max_ttl: Duration::from_secs(3600),
+            renewer: None,
+        };
+        let calls = vec![
+            b.acquire_call(&acquire("x", "A")),
+            b.acquire_call(&acquire("x", "B")),
+            b.release_call(&release("x", "A")),
+            b.acquire_call(&acquire("x", "B")),
+            b.extend_call(&extend),
+            b.acquire_call(&acquire("odd", "A")),
+            b.acquire_call(&acquire("y", "A")),
+        ];
+        let mut replies = batch::send_together(&b, calls).await.into_iter();
+        let mut next = || replies.next().unwrap();
+        let first = match AcquireReply::decode(next().unwrap().0, "x").unwrap() {
+            AcquireReply::Granted {
+                fencing_token, new, ..
+            } => {
+                assert!(new);
+                fencing_token
+            }
+            other => panic!("A's acquire: {other:?}"),
+        };
+        assert!(matches!(
+            AcquireReply::decode(next().unwrap().0, "x").unwrap(),
+            AcquireReply::Busy { .. }
+        ));
+        assert!(matches!(
+            ReleaseReply::decode(next().unwrap().0).unwrap(),
+            ReleaseReply::Released { .. }
+        ));
+        match AcquireReply::decode(next().unwrap().0, "x").unwrap() {
+            AcquireReply::Granted { fencing_token, .. } => assert!(fencing_token > first),
+            other => panic!("B's acquire after A's release: {other:?}"),
+        }
+        assert_eq!(
+            ExtendReply::decode(next().unwrap().0).unwrap(),
+            ExtendReply::HeldByOther
+        );
+        match next() {
+            Err(Error::Internal(m)) => assert!(m.contains("WRONGTYPE"), "{m}"),
+            other => panic!("the acquire of a foreign key: {:?}", other.map(|r| r.0)),
+        }
+        assert!(matches!(
+            AcquireReply::decode(next().unwrap().0, "y").unwrap(),
+            AcquireReply::Granted { new: true, .. }
+        ));
+        let holders = b.inspect("x").await.unwrap().unwrap();
+        assert_eq!(holders.holders.len(), 1);
+        assert_eq!(holders.holders[0].fencing_token, first + 1);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_beyond_the_free_slots_go_in_batches_and_one_holder_wins() {
+        let redis = LocalRedis::start();
+        let (b, shutdown) = redis.backend();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move {
+                let own = format!("own-{i}");
+                let token = format!("t{i}");
+                let took = matches!(
+                    b.acquire(&acquire(&own, &token)).await.unwrap(),
+                    AcquireOutcome::Acquired(_)
+                );
+                assert!(took, "{own} is free");
+                let freed = b.release(&release(&own, &token)).await.unwrap();
+                assert_eq!(freed.status, LeaseStatus::Ok);
+                matches!(
+                    b.acquire(&acquire("shared", &token)).await.unwrap(),
+                    AcquireOutcome::Acquired(_)
+                )
+            }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            winners += usize::from(t.await.unwrap());
+        }
+        assert_eq!(winners, 1, "one holder of the shared lock");
+        let batched = b.batcher.as_ref().unwrap().batched();
+        assert!(
+            batched > 0,
+            "200 concurrent calls over 2 slots: none went in a batch"
+        );
         shutdown.cancel();
     }
 

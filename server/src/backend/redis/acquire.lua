@@ -129,7 +129,11 @@ local function next_fence(lifetime)
   return fence, fence_s
 end
 
+-- The Watch event, published only while someone listens (common.lua's watched).
 local function event(kind, owner, fence_s, expires)
+  if not watched(ARGV[7]) then
+    return
+  end
   redis.call('PUBLISH', ARGV[7], kind .. '\n' .. ARGV[8] .. '\n' .. owner .. '\n' .. fence_s .. '\n' .. now_s .. '\n' .. expires)
 end
 

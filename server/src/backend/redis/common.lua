@@ -5,6 +5,20 @@
 local GRANTED, BUSY, LIMIT_MISMATCH = 1, 0, -2 -- acquire.lua
 local OK, NOT_HELD, HELD_BY_OTHER = 1, 0, -1 -- release.lua, extend.lua
 
+-- true when lockd talks to a Redis Cluster: scripts.rs writes it when it loads the scripts.
+local EVENTS_ALWAYS = false
+
+-- Whether a lock event on `channel` (<prefix>:events) has anyone to reach. Each lockd subscribes
+-- to that channel only while one of its Watch streams is open, so on one Redis (or Sentinel's
+-- master, where lockd subscribes) PUBSUB NUMSUB is exact: a script that runs before a lockd's
+-- SUBSCRIBE would not have reached it anyway, and every script after it publishes. Building an
+-- event and publishing it to nobody costs Redis more than the count does. A Redis Cluster passes
+-- every classic PUBLISH to every node, so a node's own count misses subscribers of the others;
+-- there, events are always published.
+local function watched(channel)
+  return EVENTS_ALWAYS or redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0
+end
+
 -- Redis TIME: now in ms as a number and as a string, and in microseconds as a string. Redis
 -- formats every Lua number passed to a command with printf, which costs more than the rest of
 -- the arithmetic here, so values only passed on stay strings.

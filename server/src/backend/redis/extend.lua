@@ -18,6 +18,7 @@
 -- ARGV[9]  the wake-up channel <prefix>:released: when the new TTL ends the lease sooner than
 --            before and waiters have seen it, they are woken to look again
 --
+-- The Watch event goes to ARGV[5] only while someone listens there (common.lua's watched).
 -- Returns {OK, fencing token, now (Redis TIME in ms), new remaining ms} when extended,
 --         {NOT_HELD} when not held (free, expired, or released with a minimum hold),
 --         {HELD_BY_OTHER} when held by another token.
@@ -79,5 +80,7 @@ else
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIREAT', KEYS[2], now + ttl + grace)
 end
-redis.call('PUBLISH', ARGV[5], 'E\n' .. ARGV[6] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. (now + ttl))
+if watched(ARGV[5]) then
+  redis.call('PUBLISH', ARGV[5], 'E\n' .. ARGV[6] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. (now + ttl))
+end
 return {OK, tonumber(fence), now, ttl}

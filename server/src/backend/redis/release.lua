@@ -19,16 +19,25 @@
 --
 -- Publishes "<resource>\n<fair queue head or empty>" on ARGV[2] so the right waiter is woken,
 -- when anyone waits: the lease is marked w (see acquire.lua) or a fair queue exists.
--- Returns {OK, frees-at ms}  released (frees-at is now, or the minimum-hold point),
+-- Publishes the Watch event on ARGV[3] only while someone listens there (common.lua's watched).
+-- Redis TIME is read only when the answer depends on it: a semaphore, a minimum hold, or an
+-- event to stamp. A mutex released at once by its holder needs neither.
+-- Returns {OK, frees-at ms}  released (frees-at is the minimum-hold point, or now; 0 when the
+--                            lease was freed at once and Redis's time was not read: lockd then
+--                            answers with its own clock),
 --         {NOT_HELD}         not held (free, expired, or already released),
 --         {HELD_BY_OTHER}    held by another token, or ARGV[8] is '1' and the lease was last
 --                            renewed elsewhere (nothing changed).
-local now, now_s = clock()
+local now, now_s
 local token = ARGV[1]
 local grace = tonumber(ARGV[10])
 -- A mutex's fields, and n, which only a semaphore has.
 local h = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r', 'w', 'n', 'k')
 local semaphore = h[7]
+local min_hold = ARGV[5] ~= '0' or ARGV[6] ~= '0'
+if semaphore or min_hold then
+  now, now_s = clock()
+end
 local fence, acquired, owner, lingering, waited, renewer
 if semaphore then
   h = redis.call('HMGET', KEYS[1], 'f:' .. token, 'a:' .. token, 'o:' .. token, 'r:' .. token, 'e:' .. token, 'w', 'k:' .. token)
@@ -51,9 +60,12 @@ end
 if ARGV[8] == '1' and renewer ~= ARGV[9] then
   return {HELD_BY_OTHER}
 end
-local frees_at = math.max(tonumber(ARGV[5]), acquired + tonumber(ARGV[6]))
-frees_at = math.min(frees_at, now + tonumber(ARGV[7]))
-if frees_at > now then
+local frees_at = now
+if min_hold then
+  frees_at = math.max(tonumber(ARGV[5]), acquired + tonumber(ARGV[6]))
+  frees_at = math.min(frees_at, now + tonumber(ARGV[7]))
+end
+if min_hold and frees_at > now then
   if semaphore then
     redis.call('HSET', KEYS[1], 'r:' .. token, 1, 'e:' .. token, frees_at)
   else
@@ -66,7 +78,9 @@ else
   if semaphore then
     redis.call('HDEL', KEYS[1], 'e:' .. token, 'f:' .. token, 'a:' .. token, 'o:' .. token, 'g:' .. token, 'r:' .. token, 'k:' .. token)
   else
-    set_lifetime(KEYS[1], KEYS[3], 0, now, grace)
+    -- set_lifetime(.., 0, ..) without Redis's time: the counter outlives the lock by the grace.
+    redis.call('DEL', KEYS[1])
+    redis.call('PEXPIRE', KEYS[3], ARGV[10])
   end
 end
 if semaphore then
@@ -79,9 +93,15 @@ local head = nil
 if waited then
   head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
 end
-local frees_at_s = frees_at == now and now_s or frees_at
-redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. frees_at_s)
+if watched(ARGV[3]) then
+  if not now then
+    now, now_s = clock()
+    frees_at = now
+  end
+  local frees_at_s = frees_at == now and now_s or frees_at
+  redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. frees_at_s)
+end
 if waited or head then
   redis.call('PUBLISH', ARGV[2], ARGV[4] .. '\n' .. (head or ''))
 end
-return {OK, frees_at}
+return {OK, frees_at or 0}

@@ -86,8 +86,9 @@ impl AcquireReply {
 pub(super) enum ReleaseReply {
     /// Released; the lock frees for others at this time (now, or the minimum-hold point).
     Released {
-        /// When the lock frees, in ms since the epoch.
-        frees_at: UnixMillis,
+        /// When the lock frees, in ms since the epoch; `None` when it was freed at once and the
+        /// script did not read Redis's time for it.
+        frees_at: Option<UnixMillis>,
     },
     /// Not held by anyone.
     NotHeld,
@@ -101,7 +102,7 @@ impl ReleaseReply {
         let f = Fields::new(v)?;
         match f.int(0)? {
             OK => Ok(Self::Released {
-                frees_at: f.int(1)?,
+                frees_at: Some(f.int(1)?).filter(|&t| t != 0),
             }),
             NOT_HELD => Ok(Self::NotHeld),
             HELD_BY_OTHER => Ok(Self::HeldByOther),
@@ -246,7 +247,7 @@ mod tests {
     fn script_codes_decode_by_name() {
         assert_eq!(
             ReleaseReply::decode(array(&[OK, 42])).unwrap(),
-            ReleaseReply::Released { frees_at: 42 }
+            ReleaseReply::Released { frees_at: Some(42) }
         );
         assert_eq!(
             ReleaseReply::decode(array(&[HELD_BY_OTHER])).unwrap(),
