@@ -9,7 +9,8 @@
 #          "RUST_LOG=warn LOCKD_METRICS_LISTEN=127.0.0.1:0" target/release/lockd
 #
 # Knobs: BENCH_SCENARIOS (uncontended,contended), BENCH_CLIENTS (16,128), BENCH_REPEAT (5),
-# BENCH_DURATION (2s). Placement as in bench.sh: servers on CPU 1, lockd-bench on CPU 0 (when
+# BENCH_DURATION (2s). BENCH_SESSION=1 measures both on the Session path instead (target
+# lockd-session, run against A then B, BENCH_REPEAT times, one lockd-bench run each). Placement as in bench.sh: servers on CPU 1, lockd-bench on CPU 0 (when
 # taskset and 2 CPUs are there). Build first: cargo build --release -p lockd -p lockd-bench.
 set -euo pipefail
 [ "$#" -eq 4 ] || { sed -n '2,13p' "$0" >&2; exit 2; }
@@ -49,6 +50,41 @@ for port in "$A_PORT" "$B_PORT"; do
   done
 done
 echo "== A: $A_ENV $A_BIN (pid $A_PID); B: $B_ENV $B_BIN (pid $B_PID); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ "${BENCH_SESSION:-0}" = 1 ]; then
+  for i in $(seq "${BENCH_REPEAT:-5}"); do
+    for side in A B; do
+      if [ "$side" = A ]; then port=$A_PORT pid=$A_PID; else port=$B_PORT pid=$B_PID; fi
+      "${BENCH_PIN[@]}" target/release/lockd-bench --target lockd-session \
+        --scenario "${BENCH_SCENARIOS:-uncontended,contended}" --clients "${BENCH_CLIENTS:-16,128}" \
+        --connections 4 --repeat 1 --duration "${BENCH_DURATION:-2s}" --warmup 300ms \
+        --redis-url "redis://127.0.0.1:$REDIS_PORT" --lockd-addr "http://127.0.0.1:$port" \
+        --redis-pid "$REDIS_PID" --lockd-pid "$pid" --json >"$TMP/$side.$i.json" 2>"$TMP/bench.log" \
+        || { cat "$TMP/bench.log" >&2; exit 1; }
+    done
+  done
+  echo "== load average after $(cut -d' ' -f1-3 /proc/loadavg)"
+  python3 - "$TMP" "${BENCH_REPEAT:-5}" <<'PY'
+import json, statistics, sys
+tmp, repeat = sys.argv[1], int(sys.argv[2])
+rows = {}
+for side in "AB":
+    for i in range(1, repeat + 1):
+        for r in json.load(open(f"{tmp}/{side}.{i}.json"))["runs"]:
+            cpu = {p["process"]["name"].split("-")[0]: p["us_per_op"] for p in r["server_cpu"]}
+            rows.setdefault((r["scenario"], r["clients"], side), []).append(
+                (r["ops_per_second"], cpu.get("lockd", 0), cpu.get("redis", 0)))
+print("| scenario | clients | A ops/s (runs) | B ops/s (runs) | B/A (medians) | A CPU/op lockd + Redis | B CPU/op lockd + Redis |")
+print("|---|---|---|---|---|---|---|")
+for s, c in sorted({(k[0], k[1]) for k in rows}):
+    a, b = rows[(s, c, "A")], rows[(s, c, "B")]
+    med = lambda runs: sorted(runs)[len(runs) // 2]
+    ma, mb = med(a), med(b)
+    fmt = lambda runs: " · ".join(f"{r[0]:,.0f}" for r in runs)
+    print(f"| {s} | {c} | {ma[0]:,.0f} ({fmt(a)}) | {mb[0]:,.0f} ({fmt(b)}) | {mb[0]/ma[0]:.2f} "
+          f"| {ma[1]:.0f} + {ma[2]:.0f} µs | {mb[1]:.0f} + {mb[2]:.0f} µs |")
+PY
+  exit 0
+fi
 "${BENCH_PIN[@]}" target/release/lockd-bench --target lockd,lockd-memory \
   --scenario "${BENCH_SCENARIOS:-uncontended,contended}" --clients "${BENCH_CLIENTS:-16,128}" \
   --connections 4 --repeat "${BENCH_REPEAT:-5}" --duration "${BENCH_DURATION:-2s}" --warmup 300ms \

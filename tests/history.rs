@@ -112,6 +112,10 @@ async fn start_topology() -> Topology {
                 ("REDIS_URL", url.as_str()),
                 ("LOCKD_REDIS_TIMEOUT", "500ms"),
                 ("LOCKD_SHUTDOWN_GRACE", "1s"),
+                // One Redis connection, so two script calls in flight: with four clients per
+                // lockd, further calls go out in batches (--redis-batch), which the history
+                // then covers.
+                ("LOCKD_REDIS_POOL_SIZE", "1"),
             ],
         )
         .await;
@@ -370,6 +374,8 @@ const HA_LOCKDS: usize = 2;
 async fn ha_lockds(mut env: Vec<(String, String)>, acks: bool) -> Vec<Lockd> {
     env.push(("LOCKD_REDIS_TIMEOUT".into(), "500ms".into()));
     env.push(("LOCKD_SHUTDOWN_GRACE".into(), "1s".into()));
+    // As in start_topology: batches form.
+    env.push(("LOCKD_REDIS_POOL_SIZE".into(), "1".into()));
     if acks {
         env.push(("LOCKD_MIN_REPLICA_ACKS".into(), "1".into()));
         env.push(("LOCKD_REPLICA_ACK_TIMEOUT".into(), "200ms".into()));
