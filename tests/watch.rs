@@ -149,3 +149,60 @@ async fn watch_needs_exactly_one_of_resource_and_prefix() {
         );
     }
 }
+
+/// Lock scripts publish Watch events only while some lockd subscribes to them (PUBSUB NUMSUB
+/// counts the subscribers); a pattern subscription, which that count leaves out, shows what
+/// was published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_events_are_published_only_while_a_lockd_watches() {
+    use futures_util::StreamExt;
+    let redis = RedisServer::start().await;
+    let lockd = Lockd::start(Some(&redis)).await;
+    let client = deadpool_redis::redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.psubscribe("lockd:event[s]").await.unwrap();
+    let mut published = pubsub.into_on_message();
+    let mut c = lockd.client().await;
+
+    let lease = acquire_ok(&mut c, "unwatched", 30.0).await;
+    extend(&mut c, &lease, 10.0, false).await;
+    release(&mut c, &lease).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(500), published.next()).await;
+    assert!(
+        quiet.is_err(),
+        "an event was published with no Watch open: {quiet:?}"
+    );
+
+    let mut events = watch(&mut c, "watched", "").await;
+    let lease = acquire_ok(&mut c, "watched", 30.0).await;
+    release(&mut c, &lease).await;
+    assert_eq!(
+        next_event(&mut events).await.r#type(),
+        LockEventType::Acquired
+    );
+    assert_eq!(
+        next_event(&mut events).await.r#type(),
+        LockEventType::Released
+    );
+    for kind in ["A", "R"] {
+        let msg = tokio::time::timeout(Duration::from_secs(5), published.next())
+            .await
+            .expect("the event, published while the Watch is open")
+            .unwrap();
+        let payload: String = msg.get_payload().unwrap();
+        assert!(
+            payload.starts_with(&format!("{kind}\nwatched\n")),
+            "{payload}"
+        );
+    }
+
+    drop(events);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lease = acquire_ok(&mut c, "watched", 30.0).await;
+    release(&mut c, &lease).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(500), published.next()).await;
+    assert!(
+        quiet.is_err(),
+        "an event was published after the Watch closed: {quiet:?}"
+    );
+}
