@@ -16,6 +16,9 @@
 //! replaced on next use, so lockd recovers by itself when Redis comes back. Where connections
 //! lead (one Redis, Sentinel's master, a Cluster) is [`topology`]'s business.
 //!
+//! Batches (`--redis-batch`): while the shared connections already carry two script calls each,
+//! further lock scripts leave together in one call ([`batch`]).
+//!
 //! Replica acknowledgements (`--min-replica-acks N`): after each script that changed a lock,
 //! `WAIT N timeout` on the same connection. A grant that too few replicas acknowledged is
 //! undone and answered `UNAVAILABLE`, since a failover could lose it.
@@ -317,12 +320,7 @@ impl RedisBackend {
             replica_ack_timeout: config.replica_ack_timeout,
         });
         if let Some(queue) = queue {
-            tokio::spawn(batch::run(
-                backend.clone(),
-                queue,
-                config.batch,
-                shutdown.clone(),
-            ));
+            tokio::spawn(batch::run(Arc::downgrade(&backend), queue, config.batch));
         }
         if let Some(sentinel) = sentinel {
             let b = backend.clone();
@@ -1161,6 +1159,29 @@ mod tests {
             "200 concurrent calls over 2 slots: none went in a batch"
         );
         shutdown.cancel();
+    }
+
+    /// Requests still finishing in the shutdown grace period (a closing Session releases its
+    /// leases) need their calls made, batched or not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_in_the_shutdown_grace_period_still_reach_redis_in_batches() {
+        let redis = LocalRedis::start();
+        let (b, shutdown) = redis.backend();
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move {
+                let (own, token) = (format!("late-{i}"), format!("t{i}"));
+                b.acquire(&acquire(&own, &token)).await.unwrap();
+                b.release(&release(&own, &token)).await.unwrap().status
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), LeaseStatus::Ok);
+        }
+        assert!(b.batcher.as_ref().unwrap().batched() > 0);
     }
 
     #[test]

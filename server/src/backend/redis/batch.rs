@@ -10,12 +10,11 @@
 //! goes back to its own caller. Only on one Redis or Sentinel's master: a Cluster refuses a
 //! script whose keys lie in several hash slots.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use deadpool_redis::redis::{ToRedisArgs, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use super::topology::Conn;
 use super::{RedisBackend, is_connection_failure, timed};
@@ -142,32 +141,21 @@ impl Batcher {
     }
 }
 
-/// Sends the queued calls in batches of at most `max`, each as soon as a slot frees, until
-/// `shutdown`.
-pub(super) async fn run(
-    backend: Arc<RedisBackend>,
-    mut queue: Queue,
-    max: usize,
-    shutdown: CancellationToken,
-) {
-    let Some(slots) = backend.batcher.as_ref().map(|b| b.slots.clone()) else {
+/// Sends the queued calls in batches of at most `max`, each as soon as a slot frees, for as long
+/// as the backend lives: not only until shutdown, since requests still finishing in the shutdown
+/// grace period (a Session's releases as it closes) need their calls made.
+pub(super) async fn run(backend: Weak<RedisBackend>, mut queue: Queue, max: usize) {
+    let Some(slots) = backend
+        .upgrade()
+        .and_then(|b| b.batcher.as_ref().map(|b| b.slots.clone()))
+    else {
         return;
     };
-    loop {
-        let first = tokio::select! {
-            () = shutdown.cancelled() => return,
-            q = queue.0.recv() => match q {
-                Some(q) => q,
-                None => return,
-            },
-        };
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => return,
-            s = slots.clone().acquire_owned() => match s {
-                Ok(s) => s,
-                // Never closed.
-                Err(_) => return,
-            },
+    // Ends when the backend, and with it the queue's sender, is gone.
+    while let Some(first) = queue.0.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            // Never closed.
+            return;
         };
         let mut batch = vec![first];
         while batch.len() < max {
@@ -178,8 +166,11 @@ pub(super) async fn run(
         }
         // A caller that left (its request was cancelled) no longer needs its call made.
         batch.retain(|q| !q.reply.is_closed());
+        let Some(backend) = backend.upgrade() else {
+            return;
+        };
         if !batch.is_empty() {
-            tokio::spawn(send(backend.clone(), batch, slot));
+            tokio::spawn(send(backend, batch, slot));
         }
     }
 }
