@@ -185,10 +185,9 @@ async fn send(backend: Arc<RedisBackend>, mut batch: Vec<Queued>, slot: OwnedSem
         return;
     }
     crate::metrics::redis_batched(batch.len());
-    backend
-        .batcher
-        .as_ref()
-        .map(|b| b.batched.fetch_add(batch.len(), Ordering::Relaxed));
+    if let Some(b) = &backend.batcher {
+        b.batched.fetch_add(batch.len(), Ordering::Relaxed);
+    }
     let mut inv = backend.scripts.batch.prepare_invoke();
     inv.arg(batch.len());
     for q in &batch {
