@@ -36,10 +36,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_redis::redis::{self, AsyncConnectionConfig, RedisError, Value};
+use deadpool_redis::redis::{self, AsyncConnectionConfig, Cmd, RedisError, Script, Value};
 use tokio_util::sync::CancellationToken;
 
-use self::batch::{Batcher, Call, Kind};
+use self::batch::{Batcher, Call, Kind, evalsha};
 use self::reply::{AcquireReply, ExtendReply, ReleaseReply, decode_inspect};
 use self::scripts::Scripts;
 use self::subscriber::Subscriber;
@@ -521,14 +521,15 @@ impl RedisBackend {
         }
     }
 
-    /// Runs a script invocation (`command`, for metrics) on a shared connection.
+    /// Runs `cmd`, an `EVALSHA` of `script` (`command`, for metrics), on a shared connection.
     async fn run(
         &self,
         command: &'static str,
-        invocation: &redis::ScriptInvocation<'_>,
+        script: &Script,
+        cmd: &Cmd,
     ) -> Result<(Value, Conn)> {
         let (mut conn, epoch) = self.conn().await?;
-        let v = self.forget_on_failure(timed(command, invocation.invoke_async(&mut conn)).await)?;
+        let v = self.forget_on_failure(timed(command, evalsha(&mut conn, script, cmd)).await)?;
         self.unless_master_switched(epoch, (v, conn))
     }
 
@@ -539,12 +540,13 @@ impl RedisBackend {
     async fn run_idempotent(
         &self,
         command: &'static str,
-        invocation: &redis::ScriptInvocation<'_>,
+        script: &Script,
+        cmd: &Cmd,
     ) -> Result<(Value, Conn)> {
         let (mut conn, epoch) = self.conn().await?;
-        match self.forget_on_failure(timed(command, invocation.invoke_async(&mut conn)).await) {
+        match self.forget_on_failure(timed(command, evalsha(&mut conn, script, cmd)).await) {
             Err(e) if is_connection_failure(&e) && !e.is_timeout() => {
-                self.run(command, invocation).await
+                self.run(command, script, cmd).await
             }
             r => self.unless_master_switched(epoch, (r?, conn)),
         }
@@ -569,16 +571,10 @@ impl RedisBackend {
             Kind::Release => &self.scripts.release,
             Kind::Extend => &self.scripts.extend,
         };
-        let mut inv = script.prepare_invoke();
-        for key in &call.keys {
-            inv.key(key);
-        }
-        for arg in &call.args {
-            inv.arg(&arg[..]);
-        }
+        let cmd = call.evalsha(script);
         match call.kind {
-            Kind::Acquire => self.run_idempotent(call.kind.name(), &inv).await,
-            _ => self.run(call.kind.name(), &inv).await,
+            Kind::Acquire => self.run_idempotent(call.kind.name(), script, &cmd).await,
+            _ => self.run(call.kind.name(), script, &cmd).await,
         }
     }
 
@@ -713,8 +709,15 @@ impl RedisBackend {
     }
 
     async fn inspect_key(&self, resource: &str) -> Result<Option<Holders>> {
-        let inv = self.scripts.inspect.key(self.key(resource, ""));
-        decode_inspect(self.run_idempotent("inspect", &inv).await?.0, resource)
+        let script = &self.scripts.inspect;
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash())
+            .arg(1)
+            .arg(self.key(resource, ""));
+        decode_inspect(
+            self.run_idempotent("inspect", script, &cmd).await?.0,
+            resource,
+        )
     }
 }
 
@@ -863,12 +866,16 @@ impl Backend for RedisBackend {
     }
 
     async fn leave_queue(&self, resource: &str, waiter: &str) -> Result<()> {
-        let mut inv = self.scripts.dequeue.key(self.key(resource, ":queue"));
-        inv.key(self.key(resource, ":qexp"))
+        let script = &self.scripts.dequeue;
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash())
+            .arg(2)
+            .arg(self.key(resource, ":queue"))
+            .arg(self.key(resource, ":qexp"))
             .arg(waiter)
             .arg(&self.released_channel)
             .arg(resource);
-        self.run("dequeue", &inv).await.map(drop)
+        self.run("dequeue", script, &cmd).await.map(drop)
     }
 
     /// Fails while Redis does not answer, while its `maxmemory-policy` may evict lock keys,
@@ -1075,6 +1082,10 @@ mod tests {
             max_ttl: Duration::from_secs(3600),
             renewer: None,
         };
+        let mut labelled = acquire("y", "A");
+        labelled.labels = [("team", "sre"), ("job", "nightly")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into();
         let calls = vec![
             b.acquire_call(&acquire("x", "A")),
             b.acquire_call(&acquire("x", "B")),
@@ -1082,7 +1093,7 @@ mod tests {
             b.acquire_call(&acquire("x", "B")),
             b.extend_call(&extend),
             b.acquire_call(&acquire("odd", "A")),
-            b.acquire_call(&acquire("y", "A")),
+            b.acquire_call(&labelled),
         ];
         let mut replies = batch::send_together(&b, calls).await.into_iter();
         let mut next = || replies.next().unwrap();
@@ -1122,6 +1133,37 @@ mod tests {
         let holders = b.inspect("x").await.unwrap().unwrap();
         assert_eq!(holders.holders.len(), 1);
         assert_eq!(holders.holders[0].fencing_token, first + 1);
+        let y = b.inspect("y").await.unwrap().unwrap();
+        assert_eq!(y.holders[0].labels, labelled.labels);
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn scripts_flushed_from_redis_are_loaded_again_alone_and_in_batches() {
+        let redis = LocalRedis::start();
+        let (b, shutdown) = redis.backend();
+        let flush = || async {
+            let _: () = b
+                .query(redis::pipe().cmd("SCRIPT").arg("FLUSH"))
+                .await
+                .unwrap();
+        };
+        flush().await;
+        assert!(matches!(
+            b.acquire(&acquire("a", "A")).await.unwrap(),
+            AcquireOutcome::Acquired(_)
+        ));
+        flush().await;
+        let calls = vec![
+            b.release_call(&release("a", "A")),
+            b.acquire_call(&acquire("a", "B")),
+        ];
+        let replies = batch::send_together(&b, calls).await;
+        assert!(matches!(
+            ReleaseReply::decode(replies[0].as_ref().unwrap().0.clone()).unwrap(),
+            ReleaseReply::Released { .. }
+        ));
+        assert!(b.inspect("a").await.unwrap().is_some());
         shutdown.cancel();
     }
 

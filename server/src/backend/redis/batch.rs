@@ -13,7 +13,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
-use deadpool_redis::redis::{ToRedisArgs, Value};
+use deadpool_redis::redis::{
+    Arg, Cmd, ErrorKind, RedisError, Script, ServerErrorKind, ToRedisArgs, Value,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::topology::Conn;
@@ -55,12 +57,23 @@ impl Kind {
     }
 }
 
-/// One call of a lock script, with its keys and arguments, to send alone or in a batch.
-#[derive(Debug)]
+/// One call of a lock script, with its keys and arguments, to send alone or in a batch. The
+/// arguments are written once into one buffer (a `Cmd` used as such), not one allocation each.
 pub(super) struct Call {
     pub(super) kind: Kind,
     pub(super) keys: Vec<String>,
-    pub(super) args: Vec<Vec<u8>>,
+    args: Cmd,
+    nargs: usize,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The arguments hold the lock token: never shown.
+        f.debug_struct("Call")
+            .field("kind", &self.kind)
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Call {
@@ -69,7 +82,8 @@ impl Call {
         Self {
             kind,
             keys: vec![key],
-            args: Vec::with_capacity(16),
+            args: Cmd::with_capacity(16, 256),
+            nargs: 0,
         }
     }
 
@@ -79,10 +93,51 @@ impl Call {
         self
     }
 
-    /// Appends an argument.
+    /// Appends an argument (one value: a string or a number).
     pub(super) fn arg(&mut self, arg: impl ToRedisArgs) -> &mut Self {
-        self.args.extend(arg.to_redis_args());
+        self.nargs += arg.num_of_args();
+        self.args.arg(arg);
         self
+    }
+
+    /// The arguments, in order.
+    fn args(&self) -> impl Iterator<Item = &[u8]> {
+        // Only Simple: a cursor argument is for SCAN-style iteration, never written here.
+        self.args.args_iter().filter_map(|a| match a {
+            Arg::Simple(b) => Some(b),
+            _ => None,
+        })
+    }
+
+    /// The `EVALSHA` of `script` with this call's keys and arguments.
+    pub(super) fn evalsha(&self, script: &Script) -> Cmd {
+        let mut cmd = Cmd::with_capacity(3 + self.keys.len() + self.nargs, 512);
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(self.keys.len());
+        for key in &self.keys {
+            cmd.arg(key.as_bytes());
+        }
+        for arg in self.args() {
+            cmd.arg(arg);
+        }
+        cmd
+    }
+}
+
+/// Runs `cmd`, an `EVALSHA` of `script`, on `conn`, loading the script first when Redis does
+/// not have it (a restart, or `SCRIPT FLUSH`), as redis-rs's `Script` does.
+pub(super) async fn evalsha(
+    conn: &mut Conn,
+    script: &Script,
+    cmd: &Cmd,
+) -> Result<Value, RedisError> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        r => r,
     }
 }
 
@@ -188,22 +243,28 @@ async fn send(backend: Arc<RedisBackend>, mut batch: Vec<Queued>, slot: OwnedSem
     if let Some(b) = &backend.batcher {
         b.batched.fetch_add(batch.len(), Ordering::Relaxed);
     }
-    let mut inv = backend.scripts.batch.prepare_invoke();
-    inv.arg(batch.len());
+    let script = &backend.scripts.batch;
+    let nkeys: usize = batch.iter().map(|q| q.call.keys.len()).sum();
+    let nargs: usize = batch.iter().map(|q| 3 + q.call.nargs).sum();
+    let mut cmd = Cmd::with_capacity(4 + nkeys + nargs, 512 * batch.len());
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(nkeys);
     for q in &batch {
         for key in &q.call.keys {
-            inv.key(key);
+            cmd.arg(key.as_bytes());
         }
-        inv.arg(q.call.kind.letter())
+    }
+    cmd.arg(batch.len());
+    for q in &batch {
+        cmd.arg(q.call.kind.letter())
             .arg(q.call.keys.len())
-            .arg(q.call.args.len());
-        for arg in &q.call.args {
-            inv.arg(&arg[..]);
+            .arg(q.call.nargs);
+        for arg in q.call.args() {
+            cmd.arg(arg);
         }
     }
     let sent = async {
         let (mut conn, epoch) = backend.conn().await?;
-        let r = backend.forget_on_failure(timed("batch", inv.invoke_async(&mut conn)).await);
+        let r = backend.forget_on_failure(timed("batch", evalsha(&mut conn, script, &cmd)).await);
         Ok::<_, Error>((r, conn, epoch))
     };
     let (r, conn, epoch) = match sent.await {
