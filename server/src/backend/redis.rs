@@ -327,6 +327,8 @@ impl RedisBackend {
             tokio::spawn(sentinel.follow(move || b.forget_all(), shutdown.clone()));
         }
         metrics::redis_errors_zero();
+        // The batch counter starts at zero, so it is exported before the first batch.
+        metrics::redis_batched(0);
         metrics::redis_subscription(false);
         backend.report_connections();
         let subscriber = Subscriber::new(backend.clone(), waiters, events, config.timeout);
