@@ -63,7 +63,6 @@ pub(super) struct Call {
     pub(super) kind: Kind,
     pub(super) keys: Vec<String>,
     args: Cmd,
-    nargs: usize,
 }
 
 impl std::fmt::Debug for Call {
@@ -83,7 +82,6 @@ impl Call {
             kind,
             keys: vec![key],
             args: Cmd::with_capacity(16, 256),
-            nargs: 0,
         }
     }
 
@@ -95,7 +93,6 @@ impl Call {
 
     /// Appends an argument (one value: a string or a number).
     pub(super) fn arg(&mut self, arg: impl ToRedisArgs) -> &mut Self {
-        self.nargs += arg.num_of_args();
         self.args.arg(arg);
         self
     }
@@ -109,9 +106,14 @@ impl Call {
         })
     }
 
+    /// The number of arguments.
+    fn nargs(&self) -> usize {
+        self.args().count()
+    }
+
     /// The `EVALSHA` of `script` with this call's keys and arguments.
     pub(super) fn evalsha(&self, script: &Script) -> Cmd {
-        let mut cmd = Cmd::with_capacity(3 + self.keys.len() + self.nargs, 512);
+        let mut cmd = Cmd::with_capacity(3 + self.keys.len() + self.nargs(), 512);
         cmd.arg("EVALSHA")
             .arg(script.get_hash())
             .arg(self.keys.len());
@@ -245,7 +247,7 @@ async fn send(backend: Arc<RedisBackend>, mut batch: Vec<Queued>, slot: OwnedSem
     }
     let script = &backend.scripts.batch;
     let nkeys: usize = batch.iter().map(|q| q.call.keys.len()).sum();
-    let nargs: usize = batch.iter().map(|q| 3 + q.call.nargs).sum();
+    let nargs: usize = batch.iter().map(|q| 3 + q.call.nargs()).sum();
     let mut cmd = Cmd::with_capacity(4 + nkeys + nargs, 512 * batch.len());
     cmd.arg("EVALSHA").arg(script.get_hash()).arg(nkeys);
     for q in &batch {
@@ -257,7 +259,7 @@ async fn send(backend: Arc<RedisBackend>, mut batch: Vec<Queued>, slot: OwnedSem
     for q in &batch {
         cmd.arg(q.call.kind.letter())
             .arg(q.call.keys.len())
-            .arg(q.call.nargs);
+            .arg(q.call.nargs());
         for arg in q.call.args() {
             cmd.arg(arg);
         }
