@@ -50,6 +50,18 @@ pub struct Page {
     pub next: String,
 }
 
+/// This process's wall clock, as time since the Unix epoch.
+fn since_epoch() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// A duration in whole milliseconds (a timestamp, or an offset to one).
+fn millis(d: Duration) -> crate::lock::UnixMillis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// The error for a request whose `limit` does not match the resource (mutex vs semaphore).
 fn mismatch(resource: &str, existing: u32, asked: u32) -> Error {
     let what = |n: u32| {

@@ -8,12 +8,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page, mismatch};
+use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page, millis, mismatch, since_epoch};
 use crate::error::Result;
 use crate::events::Events;
 use crate::lock::{
@@ -65,16 +65,6 @@ struct Holder {
     /// The KeepAlive stream that renewed the lease last; `None` after a plain Extend or an
     /// idempotent re-acquire. See [`ReleaseParams::only_if_renewer`].
     renewer: Option<String>,
-}
-
-fn since_epoch() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The instant/wall-clock pair every operation works from.

@@ -44,13 +44,13 @@ use self::reply::{AcquireReply, ExtendReply, ReleaseReply, decode_inspect};
 use self::scripts::Scripts;
 use self::subscriber::Subscriber;
 use self::topology::{Conn, Topology};
-use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page, mismatch};
+use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page, millis, mismatch, since_epoch};
 use crate::config::RedisConfig;
 use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::lock::{
     AcquireOutcome, AcquireParams, Busy, ExtendOutcome, Holders, Lease, LeaseStatus,
-    ReleaseOutcome, ReleaseParams, UnixMillis,
+    ReleaseOutcome, ReleaseParams,
 };
 use crate::locks::waiters::Waiters;
 use crate::metrics;
@@ -191,20 +191,6 @@ async fn timed<T>(
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// lockd's wall clock in ms since the epoch: the time of a release the script did not stamp.
-fn unix_now() -> UnixMillis {
-    millis(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default(),
-    )
-}
-
-/// A duration in whole milliseconds, as a timestamp offset.
-fn millis(d: Duration) -> UnixMillis {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn from_ms(ms: i64) -> Duration {
@@ -765,7 +751,11 @@ impl Backend for RedisBackend {
                          the lease back until its TTL)",
                     ));
                 }
-                (LeaseStatus::Ok, Some(frees_at.unwrap_or_else(unix_now)))
+                // Freed at once, unstamped by the script: lockd's clock.
+                (
+                    LeaseStatus::Ok,
+                    Some(frees_at.unwrap_or_else(|| millis(since_epoch()))),
+                )
             }
             ReleaseReply::NotHeld => (LeaseStatus::NotHeld, None),
             ReleaseReply::HeldByOther => (LeaseStatus::HeldByOther, None),
