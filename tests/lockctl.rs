@@ -149,16 +149,21 @@ async fn lockctl_rejects_invalid_requests_and_unreachable_servers_with_their_own
 async fn lockctl_health_exits_0_while_serving_and_1_while_redis_is_down() {
     let mut redis = RedisServer::start().await;
     let lockd = Lockd::start(Some(&redis)).await;
-    let (code, out, _) = run(&lockd, &["health"]).await;
-    assert_eq!((code, out.trim()), (0, "SERVING"));
+    let (code, out, err) = run(&lockd, &["health"]).await;
+    assert_eq!((code, out.trim()), (0, "SERVING"), "stderr: {err}");
     redis.kill();
     health_becomes(
         &lockd,
         tonic_health::pb::health_check_response::ServingStatus::NotServing,
     )
     .await;
-    let (code, out, _) = run(&lockd, &["health"]).await;
-    assert_eq!((code, out.trim()), (NO, "NOT_SERVING"));
+    let (code, out, err) = run(&lockd, &["health"]).await;
+    assert_eq!(
+        (code, out.trim()),
+        (NO, "NOT_SERVING"),
+        "stderr: {err}\nlockd log:\n{}",
+        lockd.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,15 +22,23 @@ use tokio::time::{Instant, sleep};
 
 pub use lockd_client::Client;
 
-/// A port that was free a moment ago. Below 55535 so a cluster bus port (+10000) would fit.
+/// A port that was free a moment ago, and that this test process has not handed out before.
+/// Below 55535 so a cluster bus port (+10000) would fit.
+///
+/// Never twice: tests kill servers and expect their port to stay dead. Were a killed server's
+/// port handed to a server of another test running alongside, a lockd still pointed at the old
+/// one would reach the new one and report it healthy.
 pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     loop {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        if port < 55535 {
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if port < 55535 && !given.contains(&port) {
+            given.push(port);
             return port;
         }
     }
