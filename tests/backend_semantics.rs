@@ -215,7 +215,8 @@ async fn all_keys_of_a_resource_share_one_cluster_slot() {
     let mut holder = s.client().await;
     for name in BRACED.into_iter().chain(["plain", "x{y}z"]) {
         let before: BTreeSet<String> = redis.keys().await.into_iter().collect();
-        let lease = acquire_ok(&mut holder, name, 30.0).await;
+        // A lease shorter than the fencing grace period has a counter key.
+        let lease = acquire_ok(&mut holder, name, 5.0).await;
         // A fair waiter creates the queue keys.
         let mut waiter = s.client().await;
         let resource = name.to_owned();
@@ -253,11 +254,12 @@ async fn all_keys_of_a_resource_share_one_cluster_slot() {
     }
 }
 
-/// While a lease is held, its fencing counter lives the grace period (ten seconds) longer: the
-/// grant sets the counter's expiry in the same command that stores it, and every extension,
-/// longer or shorter, moves it with the lease.
+/// A mutex lease keeps its fencing token in its lock hash. The `:fence` counter holds it as
+/// well, until the grace period (ten seconds) after the lease, only where the hash cannot stand
+/// for it: a lease shorter than the grace, a resource whose counter still exists, and a
+/// release. A lease of ten seconds or more taken on a fresh resource is one key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fence_key_outlives_a_held_and_extended_lease_by_the_grace_period() {
+async fn the_fence_key_is_kept_only_where_the_lock_hash_cannot_stand_for_it() {
     let s = Setup::new(Store::Redis).await;
     let port = s.redis.as_ref().unwrap().port;
     let mut c = s.client().await;
@@ -266,19 +268,43 @@ async fn the_fence_key_outlives_a_held_and_extended_lease_by_the_grace_period() 
             .await
             .unwrap()
     };
+    let counter = || async move {
+        redis_cmd::<Option<u64>>(
+            port,
+            deadpool_redis::redis::cmd("GET").arg("lockd:{job-1}:fence"),
+        )
+        .await
+        .unwrap()
+    };
     let lease = acquire_ok(&mut c, "job-1", 30.0).await;
-    for (step, lock_ttl) in [
-        ("acquired", 30_000),
-        ("extended", 60_000),
-        ("shortened", 5_000),
-    ] {
-        match step {
-            "extended" => assert!(extend(&mut c, &lease, 60.0, true).await.extended),
-            "shortened" => assert!(extend(&mut c, &lease, 5.0, true).await.extended),
-            _ => {}
-        }
+    assert!(extend(&mut c, &lease, 60.0, true).await.extended);
+    assert_eq!(
+        pttl("lockd:{job-1}:fence").await,
+        -2,
+        "a 30 s lease, then a 60 s one, on a fresh resource needs no counter key"
+    );
+    let mut lease = lease;
+    for step in ["shortened", "extended", "released", "acquired"] {
+        let lock_ttl = match step {
+            "shortened" => {
+                assert!(extend(&mut c, &lease, 5.0, true).await.extended);
+                5_000
+            }
+            "extended" => {
+                assert!(extend(&mut c, &lease, 60.0, true).await.extended);
+                60_000
+            }
+            "released" => {
+                assert!(release(&mut c, &lease).await.released);
+                0
+            }
+            _ => {
+                lease = acquire_ok(&mut c, "job-1", 30.0).await;
+                30_000
+            }
+        };
         let (lock, fence) = (
-            pttl("lockd:{job-1}").await,
+            pttl("lockd:{job-1}").await.max(0),
             pttl("lockd:{job-1}:fence").await,
         );
         assert!(
@@ -290,6 +316,7 @@ async fn the_fence_key_outlives_a_held_and_extended_lease_by_the_grace_period() 
             "{step}: the counter ends {} ms after the lease, not ten seconds",
             fence - lock
         );
+        assert_eq!(counter().await, Some(lease.fencing_token), "{step}");
     }
 }
 

@@ -206,3 +206,40 @@ async fn lock_events_are_published_only_while_a_lockd_watches() {
         "an event was published after the Watch closed: {quiet:?}"
     );
 }
+
+/// A lease of ten seconds or more keeps its fencing token only in its lock hash unless a Watch
+/// was open when it was granted or renewed (see docs/design.md, fencing tokens). Its EXPIRED
+/// event then carries the token; one granted with no Watch open carries 0, unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lease_granted_under_a_watch_expires_with_its_fencing_token() {
+    let redis = RedisServer::start().await;
+    let lockd = Lockd::start(Some(&redis)).await;
+    let mut c = lockd.client().await;
+    acquire_ok(&mut c, "long/unwatched", 10.0).await;
+    let mut events = watch(&mut c, "", "long/").await;
+    let watched = acquire_ok(&mut c, "long/watched", 10.0).await;
+    assert_eq!(
+        next_event(&mut events).await.r#type(),
+        LockEventType::Acquired
+    );
+    let mut expired = Vec::new();
+    while expired.len() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(15), events.message())
+            .await
+            .expect("both leases expire within 15 s")
+            .unwrap()
+            .unwrap()
+            .event
+            .expect("an event, not a lag notice");
+        assert_eq!(e.r#type(), LockEventType::Expired, "{e:?}");
+        expired.push((e.resource, e.fencing_token));
+    }
+    expired.sort();
+    assert_eq!(
+        expired,
+        vec![
+            ("long/unwatched".to_owned(), 0),
+            ("long/watched".to_owned(), watched.fencing_token)
+        ]
+    );
+}

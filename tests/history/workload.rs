@@ -234,8 +234,15 @@ impl Client {
         self.end_session(true).await;
     }
 
+    /// Mostly short, so that leases expire within a run. One in twenty is at least the fencing
+    /// grace (10 s): from that length, Redis keeps a mutex's fencing token only in its lock hash
+    /// (docs/design.md, fencing tokens), and that path is checked too.
     fn ttl(&mut self) -> Micros {
-        self.rng.range(300, 3000) * MS
+        if self.rng.chance(5) {
+            self.rng.range(10_000, 11_000) * MS
+        } else {
+            self.rng.range(300, 3000) * MS
+        }
     }
 
     async fn pause(&mut self, lo_ms: u64, hi_ms: u64) {
@@ -267,9 +274,9 @@ impl Client {
 
     async fn held_step(&mut self, h: Held) -> Option<Held> {
         match self.rng.below(100) {
-            // Work for a while, maybe past the TTL.
+            // Work for a while, maybe past a short TTL (a long one ends by walking away).
             0..20 => {
-                let ms = h.ttl / MS * self.rng.range(20, 130) / 100;
+                let ms = (h.ttl / MS * self.rng.range(20, 130) / 100).min(3_000);
                 sleep(Duration::from_millis(ms)).await;
                 Some(h)
             }

@@ -220,7 +220,7 @@ async fn bench(args: Args) -> Result<()> {
         if targets.contains(&Target::Lockd) {
             notes.push(format!(
                 "scale: the held locks are written straight into Redis in lockd's layout \
-                 (hash {}:{{<resource>}} with t, o, f, a and a TTL, plus its :fence counter), \
+                 (hash {}:{{<resource>}} with t, o, f, a and a TTL; a lease that long needs no :fence counter), \
                  then deleted; --key-prefix must be lockd's.",
                 args.key_prefix
             ));

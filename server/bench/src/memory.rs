@@ -1,8 +1,9 @@
 //! The memory scenario: Redis `used_memory` per held lock, and per resource once released.
 //!
-//! lockd keeps two keys per resource: the lock hash `lockd:{<resource>}` (with a TTL) and the
-//! fencing counter `lockd:{<resource>}:fence`, which never expires, so a released resource
-//! still costs its counter. redis-direct keeps one string key while held and nothing after.
+//! A lock held through lockd is its lock hash `lockd:{<resource>}` (with a TTL); a lease as
+//! long as the measured ones, taken while nobody watches, has no fencing counter key. A release
+//! leaves the counter `lockd:{<resource>}:fence` for ten seconds, so a released resource costs
+//! it until then. redis-direct keeps one string key while held and nothing after.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,7 +3,8 @@
 //! For each level N (1,000 then 1,000,000 by default) it fills Redis with N held locks, written
 //! straight into Redis in lockd's own layout (see the header of the server's `acquire.lua`): a
 //! hash `<prefix>:{<resource>}` with `t` (token), `o` (a 20-byte owner), `f` (fencing token)
-//! and `a` (acquired-at), with a TTL, plus the fencing counter `<prefix>:{<resource>}:fence`.
+//! and `a` (acquired-at), with a TTL. Like a lease of that length taken while nobody watches,
+//! it has no fencing counter key `<prefix>:{<resource>}:fence`.
 //! Then it runs the uncontended load (every client on its own resource) against redis-direct
 //! and lockd, which share that Redis. Writing through Redis pipelines takes seconds where
 //! acquiring a million locks through lockd would take minutes; lockd cannot tell the
@@ -304,7 +305,6 @@ async fn preload(conns: &[MultiplexedConnection], keys: &Keys, from: u64, to: u6
                         .arg(&key)
                         .arg(ttl_ms.to_string())
                         .ignore();
-                    pipe.cmd("SET").arg(format!("{key}:fence")).arg(1).ignore();
                 }
                 pipe.exec_async(&mut conn).await?;
             }

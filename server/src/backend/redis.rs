@@ -3,7 +3,8 @@
 //!
 //! Keys, all sharing the Redis Cluster hash tag `{<tag>}` so one script's keys share a slot:
 //! `<prefix>:{<tag>}` (the lock or semaphore), `<prefix>:{<tag>}:fence` (the fencing counter,
-//! which outlives the lock by [`FENCE_GRACE`]), and `<prefix>:{<tag>}:queue` / `:qexp` (the
+//! which outlives the lock by [`FENCE_GRACE`]; while a mutex is held, only where the lock hash
+//! cannot stand for it), and `<prefix>:{<tag>}:queue` / `:qexp` (the
 //! fair queue, only while fair waiters exist). The tag is the resource name with `%`, `{` and
 //! `}` escaped as `%25`, `%7B` and `%7D` (see [`tag`]), so every name gets one non-empty tag of
 //! its own; names without those characters keep the keys they always had. The key prefix must

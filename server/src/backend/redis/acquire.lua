@@ -13,7 +13,9 @@
 --            Both may have w = 1: a waiting request saw this lease, so its release must wake
 --            waiters (release.lua publishes a wake-up only then, or when a fair queue exists).
 -- KEYS[2]  the fencing counter  <prefix>:{<resource>}:fence: the last fencing token given, as
---            an integer. It expires ARGV[10] ms after the lock key (see common.lua).
+--            an integer, ARGV[10] ms beyond the lease that has it. A semaphore always keeps it;
+--            a mutex only where its lock hash cannot stand for it (common.lua's keep_fence), so
+--            a free resource may have none.
 -- KEYS[3]  the fair queue  <prefix>:{<resource>}:queue, a sorted set: waiter id -> arrival ms.
 -- KEYS[4]  the fair queue's liveness  <prefix>:{<resource>}:qexp, a hash: waiter id -> the ms
 --            after which the entry is stale (its lockd stopped refreshing it).
@@ -40,7 +42,9 @@
 -- replica, an eviction); the clock keeps tokens above those given before, provided Redis's
 -- clock never steps back by more than ARGV[10] ms (nor, across a failover, lags the old
 -- primary's by more than the failover took). Microseconds since 1970 stay below 2^53, so a Lua
--- number holds them exactly.
+-- number holds them exactly. A mutex granted with no counter key gets exactly Redis's time in
+-- microseconds, so once a lease of at least ARGV[10] ms has ended, the clock alone is past its
+-- token, even after a backward step shorter than that: such a lease needs no counter key.
 --
 -- A holder is described as: fencing token, acquired-at, remaining ms, owner, 2 x number of
 -- labels, then the label names and values.
@@ -115,16 +119,18 @@ local function granted_from_queue()
   end
 end
 
--- The next fencing token, as a number and as a string, stored in KEYS[2]. With `lifetime` (ms)
--- the counter expires that long from now, in the same command; without, the caller sets its
--- expiry through set_lifetime.
-local function next_fence(lifetime)
-  local fence = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, tonumber(now_us))
+-- The next fencing token, as a number and as a string. For a mutex lease of `mutex_ttl` ms,
+-- KEYS[2] keeps it as common.lua's keep_fence says (it exists already when it was read here);
+-- for a semaphore (no `mutex_ttl`), KEYS[2] always does, and the caller sets its expiry through
+-- set_lifetime.
+local function next_fence(mutex_ttl)
+  local last = redis.call('GET', KEYS[2])
+  local fence = math.max(tonumber(last or '0') + 1, tonumber(now_us))
   local fence_s = string.format('%.0f', fence)
-  if lifetime then
-    redis.call('SET', KEYS[2], fence_s, 'PX', lifetime)
-  else
+  if not mutex_ttl then
     redis.call('SET', KEYS[2], fence_s)
+  elseif last or mutex_ttl < grace or watched(ARGV[7]) then
+    redis.call('SET', KEYS[2], fence_s, 'PX', mutex_ttl + grace)
   end
   return fence, fence_s
 end
@@ -190,7 +196,7 @@ if limit == 1 then
         shortened(KEYS[1], KEYS[3], ARGV[11], ARGV[8])
       end
       redis.call('PEXPIRE', KEYS[1], ttl)
-      redis.call('PEXPIREAT', KEYS[2], now + ttl + grace)
+      keep_fence(KEYS[2], held[2], ttl, grace, ARGV[7])
       set_renewer('k')
       leave_queue()
       event('E', held[4], held[2], now + ttl)
@@ -216,7 +222,7 @@ if limit == 1 then
     return {BUSY, now, stale - now}
   end
   leave_queue()
-  local fence, fence_s = next_fence(ttl + grace)
+  local fence, fence_s = next_fence(ttl)
   local hash = {'t', token, 'o', ARGV[3], 'f', fence_s, 'a', now_s}
   if renewer ~= '' then
     hash[#hash + 1] = 'k'

@@ -2,8 +2,8 @@
 -- scripts.rs builds the script: common.lua, then acquire.lua, release.lua and extend.lua, each
 -- wrapped as a function of its own KEYS and ARGV (OPS.a, OPS.r and OPS.e), then this file. The
 -- operations run one after the other, each as its own script call would, and Redis's clock and
--- the events channel's subscribers are read once for them all: the whole batch runs at one
--- instant, as a single script does.
+-- the events channel's subscribers (common.lua's watched) are read once for them all: the whole
+-- batch runs at one instant, as a single script does.
 --
 -- KEYS       every operation's keys: the first operation's, then the second's, ...
 -- ARGV[1]    the number of operations
@@ -20,15 +20,6 @@ clock = function()
     read = {read_clock()}
   end
   return read[1], read[2], read[3]
-end
-
--- Nor can a subscriber come or go during the batch: count the events channel's once.
-local count_watchers, watching = watched, {}
-watched = function(channel)
-  if watching[channel] == nil then
-    watching[channel] = count_watchers(channel)
-  end
-  return watching[channel]
 end
 
 local out = {}

@@ -15,8 +15,14 @@ local EVENTS_ALWAYS = false
 -- event and publishing it to nobody costs Redis more than the count does. A Redis Cluster passes
 -- every classic PUBLISH to every node, so a node's own count misses subscribers of the others;
 -- there, events are always published.
+-- No subscriber can come or go while a script runs (nor while a batch of them does: batch.lua),
+-- so each channel is counted once.
+local watchers = {}
 local function watched(channel)
-  return EVENTS_ALWAYS or redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0
+  if watchers[channel] == nil then
+    watchers[channel] = EVENTS_ALWAYS or redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0
+  end
+  return watchers[channel]
 end
 
 -- Redis TIME: now in ms as a number and as a string, and in microseconds as a string. Redis
@@ -85,6 +91,23 @@ local function set_lifetime(key, fence_key, ends, now, grace)
   else
     redis.call('PEXPIREAT', key, ends)
     redis.call('PEXPIREAT', fence_key, ends + grace)
+  end
+end
+
+-- A mutex lease with fencing token `fence_s` now ends `ttl` ms from now. While it lives, its
+-- lock hash holds the token; the counter key `fence_key` must hold it too, until `grace` ms
+-- after the lease ends, wherever the hash cannot stand for it:
+--   - the lease is shorter than the grace: after it ends, a backward step of Redis's clock
+--     shorter than the grace could bring the clock below the token (acquire.lua's fencing
+--     tokens). A lease of at least the grace ends later than any such step reaches back;
+--   - someone watches `channel`: the EXPIRED event of the lease reads the token from the key;
+--   - the key exists (XX): it then never holds an older token than the hash.
+-- Without the key, a held lock costs Redis one key instead of two.
+local function keep_fence(fence_key, fence_s, ttl, grace, channel)
+  if ttl < grace or watched(channel) then
+    redis.call('SET', fence_key, fence_s, 'PX', ttl + grace)
+  else
+    redis.call('SET', fence_key, fence_s, 'PX', ttl + grace, 'XX')
   end
 end
 

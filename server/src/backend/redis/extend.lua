@@ -2,8 +2,8 @@
 -- common.lua in front of it.
 --
 -- KEYS[1]  the lock hash  <prefix>:{<resource>} (see acquire.lua for its fields)
--- KEYS[2]  the fencing counter  <prefix>:{<resource>}:fence (see acquire.lua): its expiry
---            follows the lock key's
+-- KEYS[2]  the fencing counter  <prefix>:{<resource>}:fence (see acquire.lua): a semaphore's
+--            expiry follows the lock key's; a mutex's is kept as common.lua's keep_fence says
 -- KEYS[3]  the fair queue  <prefix>:{<resource>}:queue (see acquire.lua): read to name the
 --            next waiter when a shorter TTL wakes the waiters
 -- ARGV[1]  token of the caller
@@ -78,7 +78,7 @@ if semaphore then
   set_lifetime(KEYS[1], KEYS[2], settle_semaphore(KEYS[1], now, nil).latest, now, grace)
 else
   redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIREAT', KEYS[2], now + ttl + grace)
+  keep_fence(KEYS[2], fence, ttl, grace, ARGV[5])
 end
 if watched(ARGV[5]) then
   redis.call('PUBLISH', ARGV[5], 'E\n' .. ARGV[6] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. (now + ttl))

@@ -3,8 +3,9 @@
 --
 -- KEYS[1]  the lock hash  <prefix>:{<resource>} (see acquire.lua for its fields)
 -- KEYS[2]  the fair queue  <prefix>:{<resource>}:queue (see acquire.lua)
--- KEYS[3]  the fencing counter  <prefix>:{<resource>}:fence (see acquire.lua): its expiry
---            follows the lock key's
+-- KEYS[3]  the fencing counter  <prefix>:{<resource>}:fence (see acquire.lua): written when a
+--            mutex lease ends here, since the lock hash no longer holds its token; a
+--            semaphore's expiry follows the lock key's
 -- ARGV[1]  token of the caller
 -- ARGV[2]  the wake-up channel <prefix>:released, which every lockd subscribes to once
 -- ARGV[3]  the events channel <prefix>:events (for Watch)
@@ -71,7 +72,7 @@ if min_hold and frees_at > now then
   else
     redis.call('HSET', KEYS[1], 'r', 1)
     redis.call('PEXPIREAT', KEYS[1], frees_at)
-    redis.call('PEXPIREAT', KEYS[3], frees_at + grace)
+    redis.call('SET', KEYS[3], fence, 'PX', frees_at - now + grace)
   end
 else
   frees_at = now
@@ -80,7 +81,7 @@ else
   else
     -- set_lifetime(.., 0, ..) without Redis's time: the counter outlives the lock by the grace.
     redis.call('DEL', KEYS[1])
-    redis.call('PEXPIRE', KEYS[3], ARGV[10])
+    redis.call('SET', KEYS[3], fence, 'PX', ARGV[10])
   end
 end
 if semaphore then

@@ -405,7 +405,9 @@ async fn publish_heartbeat(backend: Arc<RedisBackend>, channel: String) {
 }
 
 /// Reports an expiration seen through keyspace notifications. The lock's record is gone, so
-/// the event carries the resource's latest fencing token and Redis's current time.
+/// the event carries the resource's latest fencing token from its counter key, and Redis's
+/// current time. A long mutex lease granted and renewed while nobody watched has no counter key
+/// (common.lua's keep_fence): its token is reported as 0, unknown.
 async fn report_expiry(backend: Arc<RedisBackend>, events: Arc<Events>, resource: String) {
     let mut pipe = redis::pipe();
     pipe.cmd("GET")
