@@ -259,7 +259,9 @@ async fn over_the_in_flight_cap_lockd_answers_at_once_and_health_still_answers()
             .await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Long enough for the three calls to reach lockd on a loaded machine (one that had not yet
+    // arrived once let the fourth through, to wait for the paused Redis).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let started = tokio::time::Instant::now();
     exhausted(
         c.is_locked(IsLockedRequest {

@@ -45,7 +45,7 @@ use self::reply::{AcquireReply, ExtendReply, ReleaseReply, decode_inspect};
 use self::scripts::Scripts;
 use self::subscriber::Subscriber;
 use self::topology::{Conn, Topology};
-use super::{Backend, ExtendParams, FAIR_ENTRY_TTL, Page, millis, mismatch, since_epoch};
+use super::{Backend, ExtendParams, Page, millis, mismatch, since_epoch};
 use crate::config::RedisConfig;
 use crate::error::{Error, Result};
 use crate::events::Events;
@@ -294,7 +294,7 @@ impl RedisBackend {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             next: AtomicUsize::new(0),
-            scripts: Scripts::new(cluster),
+            scripts: Scripts::new(cluster, &config.key_prefix),
             batcher,
             prefix: config.key_prefix.clone(),
             released_channel: format!("{}:released", config.key_prefix),
@@ -645,12 +645,8 @@ impl RedisBackend {
             .arg(&p.owner)
             .arg(p.limit)
             .arg(p.fair.as_deref().unwrap_or(""))
-            .arg(ms(FAIR_ENTRY_TTL))
-            .arg(&self.events_channel)
             .arg(&p.resource)
             .arg(if p.waiting { "1" } else { "0" })
-            .arg(ms(FENCE_GRACE))
-            .arg(&self.released_channel)
             .arg(p.renewer.as_deref().unwrap_or(""));
         for (name, value) in &p.labels {
             call.arg(name).arg(value);
@@ -667,11 +663,8 @@ impl RedisBackend {
             .arg(ms(p.ttl))
             .arg(if p.replace_ttl { "1" } else { "0" })
             .arg(ms(p.max_ttl))
-            .arg(&self.events_channel)
             .arg(&p.resource)
-            .arg(p.renewer.as_deref().unwrap_or(""))
-            .arg(ms(FENCE_GRACE))
-            .arg(&self.released_channel);
+            .arg(p.renewer.as_deref().unwrap_or(""));
         call
     }
 
@@ -681,8 +674,6 @@ impl RedisBackend {
         call.key(self.key(&p.resource, ":queue"))
             .key(self.key(&p.resource, ":fence"))
             .arg(p.token.expose())
-            .arg(&self.released_channel)
-            .arg(&self.events_channel)
             .arg(&p.resource)
             .arg(p.keep_until.unwrap_or(0))
             .arg(ms(p.min_hold))
@@ -692,8 +683,7 @@ impl RedisBackend {
             } else {
                 "0"
             })
-            .arg(p.only_if_renewer.as_deref().unwrap_or(""))
-            .arg(ms(FENCE_GRACE));
+            .arg(p.only_if_renewer.as_deref().unwrap_or(""));
         call
     }
 

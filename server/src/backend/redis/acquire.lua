@@ -13,7 +13,7 @@
 --            Both may have w = 1: a waiting request saw this lease, so its release must wake
 --            waiters (release.lua publishes a wake-up only then, or when a fair queue exists).
 -- KEYS[2]  the fencing counter  <prefix>:{<resource>}:fence: the last fencing token given, as
---            an integer, ARGV[10] ms beyond the lease that has it. A semaphore always keeps it;
+--            an integer, GRACE ms (common.lua) beyond the lease that has it. A semaphore always keeps it;
 --            a mutex only where its lock hash cannot stand for it (common.lua's keep_fence), so
 --            a free resource may have none.
 -- KEYS[3]  the fair queue  <prefix>:{<resource>}:queue, a sorted set: waiter id -> arrival ms.
@@ -23,27 +23,26 @@
 -- ARGV[2]  TTL in milliseconds
 -- ARGV[3]  owner (free text, no control characters)
 -- ARGV[4]  limit: 1 for a mutex, more for a semaphore
--- ARGV[5]  fair waiter id, or '' when not waiting fairly
--- ARGV[6]  how long a fair queue entry stays live without a refresh, in ms
--- ARGV[7]  the events channel <prefix>:events (for Watch)
--- ARGV[8]  the resource name (for the event)
--- ARGV[9]  '1' when the caller waits for the lock (so the lease is marked w), '0' otherwise
--- ARGV[10] how long the fencing counter outlives the lock key, in ms
--- ARGV[11] the wake-up channel <prefix>:released: a fair waiter's grant publishes
---            "<resource>\n<next fair queue head or empty>" there, so that waiters queued behind
---            it (on any lockd) look again and learn when its lease ends; so does a re-acquire
---            that shortens a lease waiters have seen
--- ARGV[12] the Session stream that binds the lease, recorded as its k field (see KEYS[1]); ''
+-- ARGV[5]  fair waiter id, or '' when not waiting fairly (its entry stays live QUEUE_TTL ms
+--            without a refresh: common.lua)
+-- ARGV[6]  the resource name (for events and wake-ups)
+-- ARGV[7]  '1' when the caller waits for the lock (so the lease is marked w), '0' otherwise
+-- ARGV[8]  the Session stream that binds the lease, recorded as its k field (see KEYS[1]); ''
 --            for a plain Acquire, which clears the field on a re-acquire
--- ARGV[13], ARGV[14], ...  label name, label value, ... (pairs, possibly none)
+-- ARGV[9], ARGV[10], ...  label name, label value, ... (pairs, possibly none)
+--
+-- Publishes, besides the Watch event (only while watched: common.lua), on RELEASED when a fair
+-- waiter is granted ("<resource>\n<next fair queue head or empty>"), so that waiters queued behind
+-- it (on any lockd) look again and learn when its lease ends; so does a re-acquire that shortens
+-- a lease waiters have seen.
 --
 -- Fencing tokens: max(last token + 1, Redis TIME in microseconds). The counter alone would
 -- restart at 1 after Redis loses it (a restart without persistence, a failover to a lagging
 -- replica, an eviction); the clock keeps tokens above those given before, provided Redis's
--- clock never steps back by more than ARGV[10] ms (nor, across a failover, lags the old
+-- clock never steps back by more than GRACE ms (nor, across a failover, lags the old
 -- primary's by more than the failover took). Microseconds since 1970 stay below 2^53, so a Lua
 -- number holds them exactly. A mutex granted with no counter key gets exactly Redis's time in
--- microseconds, so once a lease of at least ARGV[10] ms has ended, the clock alone is past its
+-- microseconds, so once a lease of at least GRACE ms has ended, the clock alone is past its
 -- token, even after a backward step shorter than that: such a lease needs no counter key.
 --
 -- A holder is described as: fencing token, acquired-at, remaining ms, owner, 2 x number of
@@ -59,9 +58,8 @@
 --   {LIMIT_MISMATCH, limit}         the resource exists with another limit (mutex vs semaphore)
 local now, now_s, now_us = clock()
 local token, ttl, limit, waiter = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4]), ARGV[5]
-local waiting = ARGV[9] == '1'
-local renewer = ARGV[12]
-local grace = tonumber(ARGV[10])
+local waiting = ARGV[7] == '1'
+local renewer = ARGV[8]
 
 -- The live head of the fair queue and the ms when it goes stale, dropping entries whose lockd
 -- stopped refreshing them.
@@ -94,7 +92,7 @@ end
 -- A fair waiter that is not granted joins the queue, or refreshes its place in it.
 local function enqueue()
   if waiter ~= '' then
-    local qttl = tonumber(ARGV[6])
+    local qttl = QUEUE_TTL
     redis.call('ZADD', KEYS[3], 'NX', now, waiter)
     redis.call('HSET', KEYS[4], waiter, now + qttl)
     redis.call('PEXPIRE', KEYS[3], qttl * 2)
@@ -115,7 +113,7 @@ end
 local function granted_from_queue()
   if waiter ~= '' then
     local next_head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
-    redis.call('PUBLISH', ARGV[11], ARGV[8] .. '\n' .. (next_head or ''))
+    redis.call('PUBLISH', RELEASED, ARGV[6] .. '\n' .. (next_head or ''))
   end
 end
 
@@ -129,18 +127,18 @@ local function next_fence(mutex_ttl)
   local fence_s = string.format('%.0f', fence)
   if not mutex_ttl then
     redis.call('SET', KEYS[2], fence_s)
-  elseif last or mutex_ttl < grace or watched(ARGV[7]) then
-    redis.call('SET', KEYS[2], fence_s, 'PX', mutex_ttl + grace)
+  elseif last or mutex_ttl < GRACE or watched() then
+    redis.call('SET', KEYS[2], fence_s, 'PX', mutex_ttl + GRACE)
   end
   return fence, fence_s
 end
 
 -- The Watch event, published only while someone listens (common.lua's watched).
 local function event(kind, owner, fence_s, expires)
-  if not watched(ARGV[7]) then
+  if not watched() then
     return
   end
-  redis.call('PUBLISH', ARGV[7], kind .. '\n' .. ARGV[8] .. '\n' .. owner .. '\n' .. fence_s .. '\n' .. now_s .. '\n' .. expires)
+  redis.call('PUBLISH', EVENTS, kind .. '\n' .. ARGV[6] .. '\n' .. owner .. '\n' .. fence_s .. '\n' .. now_s .. '\n' .. expires)
 end
 
 -- Records the binding Session stream as the renewer field `field` of a re-acquired lease, or
@@ -162,7 +160,7 @@ end
 
 local function labels_from_argv()
   local labels = {}
-  for i = 13, #ARGV do
+  for i = 9, #ARGV do
     labels[#labels + 1] = ARGV[i]
   end
   return labels
@@ -180,7 +178,7 @@ if existing then
   -- A semaphore: drop its expired holders first. One without live holders is gone, and the
   -- name is free for either kind.
   sem = settle_semaphore(KEYS[1], now, token)
-  set_lifetime(KEYS[1], KEYS[2], sem.latest, now, grace)
+  set_lifetime(KEYS[1], KEYS[2], sem.latest, now)
   if sem.count == 0 then
     existing = nil
   end
@@ -193,10 +191,10 @@ if limit == 1 then
   if held[1] then
     if held[1] == token and not held[5] then
       if ttl < redis.call('PTTL', KEYS[1]) then
-        shortened(KEYS[1], KEYS[3], ARGV[11], ARGV[8])
+        shortened(KEYS[1], KEYS[3], ARGV[6])
       end
       redis.call('PEXPIRE', KEYS[1], ttl)
-      keep_fence(KEYS[2], held[2], ttl, grace, ARGV[7])
+      keep_fence(KEYS[2], held[2], ttl)
       set_renewer('k')
       leave_queue()
       event('E', held[4], held[2], now + ttl)
@@ -233,7 +231,7 @@ if limit == 1 then
     hash[#hash + 1] = 'w'
     hash[#hash + 1] = '1'
   end
-  for i = 13, #ARGV, 2 do
+  for i = 9, #ARGV, 2 do
     hash[#hash + 1] = 'l:' .. ARGV[i]
     hash[#hash + 1] = ARGV[i + 1]
   end
@@ -258,11 +256,11 @@ if sem.mine and not lingering then
   -- The caller holds a slot already: refresh it. A lease released with a minimum hold is not
   -- granted again (as for a mutex); it falls through to the busy answer.
   if now + ttl < sem.mine then
-    shortened(KEYS[1], KEYS[3], ARGV[11], ARGV[8])
+    shortened(KEYS[1], KEYS[3], ARGV[6])
   end
   redis.call('HSET', KEYS[1], 'e:' .. token, now + ttl)
   set_renewer('k:' .. token)
-  set_lifetime(KEYS[1], KEYS[2], math.max(sem.others, now + ttl), now, grace)
+  set_lifetime(KEYS[1], KEYS[2], math.max(sem.others, now + ttl), now)
   leave_queue()
   local fence_s = sem.h['f:' .. token]
   event('E', sem.h['o:' .. token], fence_s, now + ttl)
@@ -280,7 +278,7 @@ if not lingering and sem.count < limit and allowed then
   if renewer ~= '' then
     redis.call('HSET', KEYS[1], 'k:' .. token, renewer)
   end
-  set_lifetime(KEYS[1], KEYS[2], math.max(sem.latest, now + ttl), now, grace)
+  set_lifetime(KEYS[1], KEYS[2], math.max(sem.latest, now + ttl), now)
   event('A', ARGV[3], fence_s, now + ttl)
   granted_from_queue()
   return {GRANTED, fence, now, 1}

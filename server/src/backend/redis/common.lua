@@ -1,14 +1,27 @@
--- common.lua: helpers shared by acquire.lua, release.lua and extend.lua. scripts.rs puts this
--- file in front of each of them; it reads no KEYS or ARGV itself.
+-- common.lua: settings and helpers shared by acquire.lua, release.lua and extend.lua. scripts.rs
+-- puts this file in front of each of them; it reads no KEYS or ARGV itself.
 --
 -- Reply codes (the first element of each script's reply; reply.rs names them the same way):
 local GRANTED, BUSY, LIMIT_MISMATCH = 1, 0, -2 -- acquire.lua
 local OK, NOT_HELD, HELD_BY_OTHER = 1, 0, -1 -- release.lua, extend.lua
 
--- true when lockd talks to a Redis Cluster: scripts.rs writes it when it loads the scripts.
+-- Settings that are the same for every call: scripts.rs writes lockd's own values over these
+-- lines when it loads the scripts, so that no call carries them as arguments (Redis spends more
+-- on each argument than on most of the Lua that reads it). The values here are lockd's
+-- defaults, for reading and for scripts/script-cost.
+-- true when lockd talks to a Redis Cluster (see watched below).
 local EVENTS_ALWAYS = false
+-- The events channel <prefix>:events, where lock events go for Watch.
+local EVENTS = 'lockd:events'
+-- The wake-up channel <prefix>:released, which every lockd subscribes to once:
+-- "<resource>\n<fair queue head or empty>" there makes waiters on any lockd look again.
+local RELEASED = 'lockd:released'
+-- How long the fencing counter outlives the lease that set it, in ms (see acquire.lua).
+local GRACE = 10000
+-- How long a fair queue entry stays live without a refresh, in ms.
+local QUEUE_TTL = 6000
 
--- Whether a lock event on `channel` (<prefix>:events) has anyone to reach. Each lockd subscribes
+-- Whether a lock event on EVENTS has anyone to reach. Each lockd subscribes
 -- to that channel only while one of its Watch streams is open, so on one Redis (or Sentinel's
 -- master, where lockd subscribes) PUBSUB NUMSUB is exact: a script that runs before a lockd's
 -- SUBSCRIBE would not have reached it anyway, and every script after it publishes. Building an
@@ -16,13 +29,13 @@ local EVENTS_ALWAYS = false
 -- every classic PUBLISH to every node, so a node's own count misses subscribers of the others;
 -- there, events are always published.
 -- No subscriber can come or go while a script runs (nor while a batch of them does: batch.lua),
--- so each channel is counted once.
-local watchers = {}
-local function watched(channel)
-  if watchers[channel] == nil then
-    watchers[channel] = EVENTS_ALWAYS or redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0
+-- so they are counted once.
+local watchers = nil
+local function watched()
+  if watchers == nil then
+    watchers = EVENTS_ALWAYS or redis.call('PUBSUB', 'NUMSUB', EVENTS)[2] > 0
   end
-  return watchers[channel]
+  return watchers
 end
 
 -- Redis TIME: now in ms as a number and as a string, and in microseconds as a string. Redis
@@ -80,45 +93,44 @@ local function settle_semaphore(key, now, token)
 end
 
 -- Makes the lock key `key` end at `ends` (ms since epoch), or deletes it when `ends` is 0 (no
--- live holder is left), and lets the fencing counter `fence_key` outlive it by `grace` ms. The
+-- live holder is left), and lets the fencing counter `fence_key` outlive it by GRACE. The
 -- counter must outlive the lock so that an expiry event still reads it, and a little longer so
--- that a backward step of Redis's clock shorter than `grace` cannot hand out a token below one
+-- that a backward step of Redis's clock shorter than GRACE cannot hand out a token below one
 -- already given (see acquire.lua's next_fence).
-local function set_lifetime(key, fence_key, ends, now, grace)
+local function set_lifetime(key, fence_key, ends, now)
   if ends == 0 then
     redis.call('DEL', key)
-    redis.call('PEXPIREAT', fence_key, now + grace)
+    redis.call('PEXPIREAT', fence_key, now + GRACE)
   else
     redis.call('PEXPIREAT', key, ends)
-    redis.call('PEXPIREAT', fence_key, ends + grace)
+    redis.call('PEXPIREAT', fence_key, ends + GRACE)
   end
 end
 
 -- A mutex lease with fencing token `fence_s` now ends `ttl` ms from now. While it lives, its
--- lock hash holds the token; the counter key `fence_key` must hold it too, until `grace` ms
--- after the lease ends, wherever the hash cannot stand for it:
---   - the lease is shorter than the grace: after it ends, a backward step of Redis's clock
---     shorter than the grace could bring the clock below the token (acquire.lua's fencing
---     tokens). A lease of at least the grace ends later than any such step reaches back;
---   - someone watches `channel`: the EXPIRED event of the lease reads the token from the key;
---   - the key exists (XX): it then never holds an older token than the hash.
--- Without the key, a held lock costs Redis one key instead of two.
-local function keep_fence(fence_key, fence_s, ttl, grace, channel)
-  if ttl < grace or watched(channel) then
-    redis.call('SET', fence_key, fence_s, 'PX', ttl + grace)
-  else
-    redis.call('SET', fence_key, fence_s, 'PX', ttl + grace, 'XX')
+-- lock hash holds the token; the counter key `fence_key` must hold it too, until GRACE after
+-- the lease ends, wherever the hash cannot stand for it:
+--   - the lease is shorter than GRACE: after it ends, a backward step of Redis's clock shorter
+--     than GRACE could bring the clock below the token (acquire.lua's fencing tokens). A lease
+--     of at least GRACE ends later than any such step reaches back;
+--   - someone watches (watched): the EXPIRED event of the lease reads the token from the key;
+--   - the key exists: it then never holds an older token than the hash.
+-- Without the key, a held lock costs Redis one key instead of two. Where the key exists, it holds
+-- the lease's token already (every script that writes it while a mutex is held writes that
+-- token), so only its expiry moves.
+local function keep_fence(fence_key, fence_s, ttl)
+  if redis.call('PEXPIRE', fence_key, ttl + GRACE) == 0 and (ttl < GRACE or watched()) then
+    redis.call('SET', fence_key, fence_s, 'PX', ttl + GRACE)
   end
 end
 
 -- A lease that waiters have seen (the lock hash has w) now ends sooner than they were told: wake
--- them on `channel` ("<resource>\n<fair queue head or empty>", as release.lua does), so they look
--- again instead of sleeping to the old expiry while a slot may be free. `queue_key` is the
--- resource's fair queue.
-local function shortened(lock_key, queue_key, channel, resource)
+-- them on RELEASED, as release.lua does, so they look again instead of sleeping to the old
+-- expiry while a slot may be free. `queue_key` is the resource's fair queue.
+local function shortened(lock_key, queue_key, resource)
   if redis.call('HEXISTS', lock_key, 'w') == 1 then
     local head = redis.call('ZRANGE', queue_key, 0, 0)[1]
-    redis.call('PUBLISH', channel, resource .. '\n' .. (head or ''))
+    redis.call('PUBLISH', RELEASED, resource .. '\n' .. (head or ''))
   end
 end
 

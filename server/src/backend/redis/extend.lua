@@ -10,21 +10,18 @@
 -- ARGV[2]  TTL in milliseconds: added to the remaining time, or replacing it (ARGV[3])
 -- ARGV[3]  '1' to replace the remaining time with ARGV[2], '0' to add ARGV[2] to it
 -- ARGV[4]  the largest remaining time allowed, in milliseconds (the server's maximum TTL)
--- ARGV[5]  the events channel <prefix>:events (for Watch)
--- ARGV[6]  the resource name (for the event)
--- ARGV[7]  the KeepAlive stream renewing the lease, recorded as its k field; '' for a plain
+-- ARGV[5]  the resource name (for the event and the wake-up)
+-- ARGV[6]  the KeepAlive stream renewing the lease, recorded as its k field; '' for a plain
 --            Extend, which clears the field
--- ARGV[8]  how long the fencing counter outlives the lock key, in ms (see acquire.lua)
--- ARGV[9]  the wake-up channel <prefix>:released: when the new TTL ends the lease sooner than
---            before and waiters have seen it, they are woken to look again
 --
--- The Watch event goes to ARGV[5] only while someone listens there (common.lua's watched).
+-- The Watch event goes to EVENTS only while someone listens there (common.lua's watched). When
+-- the new TTL ends the lease sooner than before and waiters have seen it, they are woken on
+-- RELEASED to look again.
 -- Returns {OK, fencing token, now (Redis TIME in ms), new remaining ms} when extended,
 --         {NOT_HELD} when not held (free, expired, or released with a minimum hold),
 --         {HELD_BY_OTHER} when held by another token.
 local now, now_s = clock()
 local token = ARGV[1]
-local grace = tonumber(ARGV[8])
 -- One read for a mutex: its fields, the renewer (k) and w; n only a semaphore has.
 local h = redis.call('HMGET', KEYS[1], 'n', 't', 'f', 'o', 'r', 'k', 'w')
 local semaphore = h[1]
@@ -62,25 +59,25 @@ if ARGV[3] ~= '1' then
 end
 ttl = math.min(ttl, tonumber(ARGV[4]))
 if remaining and ttl < remaining then
-  shortened(KEYS[1], KEYS[3], ARGV[9], ARGV[6])
+  shortened(KEYS[1], KEYS[3], ARGV[5])
 end
 -- The renewer is written only when it changes: a stream's renewals leave it as it is.
-if ARGV[7] == '' then
+if ARGV[6] == '' then
   if renewer then
     redis.call('HDEL', KEYS[1], renewer_field)
   end
-elseif renewer ~= ARGV[7] then
-  redis.call('HSET', KEYS[1], renewer_field, ARGV[7])
+elseif renewer ~= ARGV[6] then
+  redis.call('HSET', KEYS[1], renewer_field, ARGV[6])
 end
 if semaphore then
   redis.call('HSET', KEYS[1], 'e:' .. token, now + ttl)
   -- The key ends with its latest live holder, which this one may no longer be.
-  set_lifetime(KEYS[1], KEYS[2], settle_semaphore(KEYS[1], now, nil).latest, now, grace)
+  set_lifetime(KEYS[1], KEYS[2], settle_semaphore(KEYS[1], now, nil).latest, now)
 else
   redis.call('PEXPIRE', KEYS[1], ttl)
-  keep_fence(KEYS[2], fence, ttl, grace, ARGV[5])
+  keep_fence(KEYS[2], fence, ttl)
 end
-if watched(ARGV[5]) then
-  redis.call('PUBLISH', ARGV[5], 'E\n' .. ARGV[6] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. (now + ttl))
+if watched() then
+  redis.call('PUBLISH', EVENTS, 'E\n' .. ARGV[5] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. (now + ttl))
 end
 return {OK, tonumber(fence), now, ttl}

@@ -7,20 +7,17 @@
 --            mutex lease ends here, since the lock hash no longer holds its token; a
 --            semaphore's expiry follows the lock key's
 -- ARGV[1]  token of the caller
--- ARGV[2]  the wake-up channel <prefix>:released, which every lockd subscribes to once
--- ARGV[3]  the events channel <prefix>:events (for Watch)
--- ARGV[4]  the resource name
--- ARGV[5]  keep the lease until this time (ms since epoch), or 0
--- ARGV[6]  keep the lease at least this long after it was acquired (ms), or 0
--- ARGV[7]  the longest a minimum hold may last from now (ms): the server's maximum TTL
--- ARGV[8]  '1' to release only if the lease was last renewed by the KeepAlive stream ARGV[9]
+-- ARGV[2]  the resource name
+-- ARGV[3]  keep the lease until this time (ms since epoch), or 0
+-- ARGV[4]  keep the lease at least this long after it was acquired (ms), or 0
+-- ARGV[5]  the longest a minimum hold may last from now (ms): the server's maximum TTL
+-- ARGV[6]  '1' to release only if the lease was last renewed by the KeepAlive stream ARGV[7]
 --            (its k field), '0' to release regardless
--- ARGV[9]  that KeepAlive stream's id (ignored unless ARGV[8] is '1')
--- ARGV[10] how long the fencing counter outlives the lock key, in ms (see acquire.lua)
+-- ARGV[7]  that KeepAlive stream's id (ignored unless ARGV[6] is '1')
 --
--- Publishes "<resource>\n<fair queue head or empty>" on ARGV[2] so the right waiter is woken,
--- when anyone waits: the lease is marked w (see acquire.lua) or a fair queue exists.
--- Publishes the Watch event on ARGV[3] only while someone listens there (common.lua's watched).
+-- Publishes "<resource>\n<fair queue head or empty>" on RELEASED (common.lua) so the right
+-- waiter is woken, when anyone waits: the lease is marked w (see acquire.lua) or a fair queue
+-- exists. Publishes the Watch event on EVENTS only while someone listens there (watched).
 -- Redis TIME is read only when the answer depends on it: a semaphore, a minimum hold, or an
 -- event to stamp. A mutex released at once by its holder needs neither.
 -- Returns {OK, frees-at ms}  released (frees-at is the minimum-hold point, or now; 0 when the
@@ -31,11 +28,10 @@
 --                            renewed elsewhere (nothing changed).
 local now, now_s
 local token = ARGV[1]
-local grace = tonumber(ARGV[10])
 -- A mutex's fields, and n, which only a semaphore has.
 local h = redis.call('HMGET', KEYS[1], 't', 'f', 'a', 'o', 'r', 'w', 'n', 'k')
 local semaphore = h[7]
-local min_hold = ARGV[5] ~= '0' or ARGV[6] ~= '0'
+local min_hold = ARGV[3] ~= '0' or ARGV[4] ~= '0'
 if semaphore or min_hold then
   now, now_s = clock()
 end
@@ -58,13 +54,13 @@ end
 if lingering then
   return {NOT_HELD}
 end
-if ARGV[8] == '1' and renewer ~= ARGV[9] then
+if ARGV[6] == '1' and renewer ~= ARGV[7] then
   return {HELD_BY_OTHER}
 end
 local frees_at = now
 if min_hold then
-  frees_at = math.max(tonumber(ARGV[5]), acquired + tonumber(ARGV[6]))
-  frees_at = math.min(frees_at, now + tonumber(ARGV[7]))
+  frees_at = math.max(tonumber(ARGV[3]), acquired + tonumber(ARGV[4]))
+  frees_at = math.min(frees_at, now + tonumber(ARGV[5]))
 end
 if min_hold and frees_at > now then
   if semaphore then
@@ -72,21 +68,24 @@ if min_hold and frees_at > now then
   else
     redis.call('HSET', KEYS[1], 'r', 1)
     redis.call('PEXPIREAT', KEYS[1], frees_at)
-    redis.call('SET', KEYS[3], fence, 'PX', frees_at - now + grace)
+    redis.call('SET', KEYS[3], fence, 'PX', frees_at - now + GRACE)
   end
 else
   frees_at = now
   if semaphore then
     redis.call('HDEL', KEYS[1], 'e:' .. token, 'f:' .. token, 'a:' .. token, 'o:' .. token, 'g:' .. token, 'r:' .. token, 'k:' .. token)
   else
-    -- set_lifetime(.., 0, ..) without Redis's time: the counter outlives the lock by the grace.
+    -- set_lifetime(.., 0, ..) without Redis's time: the counter outlives the lock by GRACE. A
+    -- counter that exists holds this lease's token already (common.lua's keep_fence).
     redis.call('DEL', KEYS[1])
-    redis.call('SET', KEYS[3], fence, 'PX', ARGV[10])
+    if redis.call('PEXPIRE', KEYS[3], GRACE) == 0 then
+      redis.call('SET', KEYS[3], fence, 'PX', GRACE)
+    end
   end
 end
 if semaphore then
   -- The key ends with its latest live holder, and goes with the last.
-  set_lifetime(KEYS[1], KEYS[3], settle_semaphore(KEYS[1], now, nil).latest, now, grace)
+  set_lifetime(KEYS[1], KEYS[3], settle_semaphore(KEYS[1], now, nil).latest, now)
 end
 -- A fair queue only exists while its waiters have seen a lease, which marked it w (see
 -- acquire.lua): without w, the queue need not be read.
@@ -94,15 +93,15 @@ local head = nil
 if waited then
   head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
 end
-if watched(ARGV[3]) then
+if watched() then
   if not now then
     now, now_s = clock()
     frees_at = now
   end
   local frees_at_s = frees_at == now and now_s or frees_at
-  redis.call('PUBLISH', ARGV[3], 'R\n' .. ARGV[4] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. frees_at_s)
+  redis.call('PUBLISH', EVENTS, 'R\n' .. ARGV[2] .. '\n' .. owner .. '\n' .. fence .. '\n' .. now_s .. '\n' .. frees_at_s)
 end
 if waited or head then
-  redis.call('PUBLISH', ARGV[2], ARGV[4] .. '\n' .. (head or ''))
+  redis.call('PUBLISH', RELEASED, ARGV[2] .. '\n' .. (head or ''))
 end
 return {OK, frees_at or 0}

@@ -7,6 +7,9 @@
 
 use deadpool_redis::redis::Script;
 
+use super::FENCE_GRACE;
+use crate::backend::FAIR_ENTRY_TTL;
+
 /// The scripts; see each `.lua` file's header for its KEYS, ARGV and reply.
 #[derive(Debug)]
 pub struct Scripts {
@@ -29,16 +32,10 @@ pub struct Scripts {
 }
 
 impl Scripts {
-    /// Hashes the scripts. Build this once and share it. `cluster`: the Redis is a Cluster, where
-    /// a node cannot count another node's subscribers, so lock events are always published (see
-    /// common.lua's `watched`).
-    pub fn new(cluster: bool) -> Self {
-        let common = include_str!("common.lua");
-        let common = if cluster {
-            common.replacen(EVENTS_ON_DEMAND, "local EVENTS_ALWAYS = true", 1)
-        } else {
-            common.to_owned()
-        };
+    /// Hashes the scripts, with lockd's settings written into common.lua (see [`settings`]).
+    /// Build this once and share it.
+    pub fn new(cluster: bool, key_prefix: &str) -> Self {
+        let common = settings(include_str!("common.lua"), cluster, key_prefix);
         let (acquire, release, extend) = (
             include_str!("acquire.lua"),
             include_str!("release.lua"),
@@ -62,20 +59,79 @@ impl Scripts {
     }
 }
 
-/// The line of common.lua that [`Scripts::new`] rewrites for a Redis Cluster.
-const EVENTS_ON_DEMAND: &str = "local EVENTS_ALWAYS = false";
+/// common.lua with its settings lines (`local NAME = default`) replaced by lockd's values, so no
+/// call has to carry them as arguments:
+/// - `EVENTS_ALWAYS`: true for a Redis Cluster, where a node cannot count another node's
+///   subscribers, so lock events are always published (see common.lua's `watched`);
+/// - `EVENTS` and `RELEASED`: the channels `<prefix>:events` and `<prefix>:released`;
+/// - `GRACE` ([`FENCE_GRACE`]) and `QUEUE_TTL` ([`FAIR_ENTRY_TTL`]), in ms.
+fn settings(common: &str, cluster: bool, key_prefix: &str) -> String {
+    let values = [
+        ("EVENTS_ALWAYS", cluster.to_string()),
+        ("EVENTS", lua_string(&format!("{key_prefix}:events"))),
+        ("RELEASED", lua_string(&format!("{key_prefix}:released"))),
+        ("GRACE", FENCE_GRACE.as_millis().to_string()),
+        ("QUEUE_TTL", FAIR_ENTRY_TTL.as_millis().to_string()),
+    ];
+    common
+        .lines()
+        .map(|line| {
+            let setting = values.iter().find(|(name, _)| {
+                line.strip_prefix("local ")
+                    .and_then(|rest| rest.strip_prefix(name))
+                    .is_some_and(|rest| rest.starts_with(" = "))
+            });
+            match setting {
+                Some((name, value)) => format!("local {name} = {value}\n"),
+                None => format!("{line}\n"),
+            }
+        })
+        .collect()
+}
+
+/// `s` as a Lua string literal: every byte that is not printable ASCII, and the quote and the
+/// backslash, written as a decimal escape.
+fn lua_string(s: &str) -> String {
+    let mut out = String::from("'");
+    for b in s.bytes() {
+        if (b.is_ascii_graphic() && b != b'\'' && b != b'\\') || b == b' ' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("\\{b:03}"));
+        }
+    }
+    out.push('\'');
+    out
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn cluster_scripts_always_publish_events() {
-        assert!(include_str!("common.lua").contains(EVENTS_ON_DEMAND));
-        let single = Scripts::new(false);
-        let cluster = Scripts::new(true);
-        assert_ne!(single.acquire.get_hash(), cluster.acquire.get_hash());
-        assert_ne!(single.release.get_hash(), cluster.release.get_hash());
-        assert_ne!(single.extend.get_hash(), cluster.extend.get_hash());
+    fn every_setting_of_common_lua_is_written_once_with_lockds_value() {
+        let common = settings(include_str!("common.lua"), true, "app's\\locks");
+        for line in [
+            "local EVENTS_ALWAYS = true",
+            "local EVENTS = 'app\\039s\\092locks:events'",
+            "local RELEASED = 'app\\039s\\092locks:released'",
+            "local GRACE = 10000",
+            "local QUEUE_TTL = 6000",
+        ] {
+            assert_eq!(common.lines().filter(|l| *l == line).count(), 1, "{line}");
+        }
+        assert!(!common.contains("EVENTS_ALWAYS = false"));
+        assert!(!common.contains("'lockd:"));
+    }
+
+    #[test]
+    fn scripts_differ_by_topology_and_key_prefix() {
+        let single = Scripts::new(false, "lockd");
+        for other in [Scripts::new(true, "lockd"), Scripts::new(false, "other")] {
+            assert_ne!(single.acquire.get_hash(), other.acquire.get_hash());
+            assert_ne!(single.release.get_hash(), other.release.get_hash());
+            assert_ne!(single.extend.get_hash(), other.extend.get_hash());
+            assert_ne!(single.batch.get_hash(), other.batch.get_hash());
+        }
     }
 }
