@@ -192,7 +192,8 @@ async fn bench(args: Args) -> Result<()> {
         if targets.contains(&Target::Lockd) {
             notes.push(
                 "memory: --redis-url must be the Redis the lockd target uses, or its figures \
-                 are meaningless (check 'keys' above: 2 per held lock, 1 per released resource)."
+                 are meaningless (check 'keys' above: 1 per held lock, since the measured leases \
+                 are long and unwatched, and 1 per released resource)."
                     .to_owned(),
             );
         }
