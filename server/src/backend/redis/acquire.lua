@@ -13,9 +13,9 @@
 --            Both may have w = 1: a waiting request saw this lease, so its release must wake
 --            waiters (release.lua publishes a wake-up only then, or when a fair queue exists).
 -- KEYS[2]  the fencing counter  <prefix>:{<resource>}:fence: the last fencing token given, as
---            an integer, GRACE ms (common.lua) beyond the lease that has it. A semaphore always keeps it;
---            a mutex only where its lock hash cannot stand for it (common.lua's keep_fence), so
---            a free resource may have none.
+--            an integer, GRACE ms (common.lua) beyond the lease that has it. A semaphore
+--            always keeps it; a mutex only where its lock hash cannot stand for it (common.lua's
+--            keep_fence), so a free resource may have none.
 -- KEYS[3]  the fair queue  <prefix>:{<resource>}:queue, a sorted set: waiter id -> arrival ms.
 -- KEYS[4]  the fair queue's liveness  <prefix>:{<resource>}:qexp, a hash: waiter id -> the ms
 --            after which the entry is stale (its lockd stopped refreshing it).
