@@ -285,6 +285,8 @@ impl RedisBackend {
             Topology::Sentinel(s) => Some(s.clone()),
             _ => None,
         };
+        let released_channel = format!("{}:released", config.key_prefix);
+        let events_channel = format!("{}:events", config.key_prefix);
         let backend = Arc::new(Self {
             topology,
             conn_config,
@@ -294,11 +296,11 @@ impl RedisBackend {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             next: AtomicUsize::new(0),
-            scripts: Scripts::new(cluster, &config.key_prefix),
+            scripts: Scripts::new(cluster, &events_channel, &released_channel),
             batcher,
             prefix: config.key_prefix.clone(),
-            released_channel: format!("{}:released", config.key_prefix),
-            events_channel: format!("{}:events", config.key_prefix),
+            released_channel,
+            events_channel,
             wakeups_down: Mutex::new(Some("not subscribed yet".to_owned())),
             allow_evicting: config.allow_evicting,
             policy: Mutex::new(Policy::Unknown),

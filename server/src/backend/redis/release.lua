@@ -75,12 +75,9 @@ else
   if semaphore then
     redis.call('HDEL', KEYS[1], 'e:' .. token, 'f:' .. token, 'a:' .. token, 'o:' .. token, 'g:' .. token, 'r:' .. token, 'k:' .. token)
   else
-    -- set_lifetime(.., 0, ..) without Redis's time: the counter outlives the lock by GRACE. A
-    -- counter that exists holds this lease's token already (common.lua's keep_fence).
+    -- The lease ends now: the lock hash goes, and the counter holds its token for GRACE.
     redis.call('DEL', KEYS[1])
-    if redis.call('PEXPIRE', KEYS[3], GRACE) == 0 then
-      redis.call('SET', KEYS[3], fence, 'PX', GRACE)
-    end
+    keep_fence(KEYS[3], fence, 0)
   end
 end
 if semaphore then

@@ -32,10 +32,10 @@ pub struct Scripts {
 }
 
 impl Scripts {
-    /// Hashes the scripts, with lockd's settings written into common.lua (see [`settings`]).
-    /// Build this once and share it.
-    pub fn new(cluster: bool, key_prefix: &str) -> Self {
-        let common = settings(include_str!("common.lua"), cluster, key_prefix);
+    /// Hashes the scripts, with lockd's settings written into common.lua (see [`settings`]):
+    /// `events` and `released` are the backend's two channels. Build this once and share it.
+    pub fn new(cluster: bool, events: &str, released: &str) -> Self {
+        let common = settings(include_str!("common.lua"), cluster, events, released);
         let (acquire, release, extend) = (
             include_str!("acquire.lua"),
             include_str!("release.lua"),
@@ -63,13 +63,13 @@ impl Scripts {
 /// call has to carry them as arguments:
 /// - `EVENTS_ALWAYS`: true for a Redis Cluster, where a node cannot count another node's
 ///   subscribers, so lock events are always published (see common.lua's `watched`);
-/// - `EVENTS` and `RELEASED`: the channels `<prefix>:events` and `<prefix>:released`;
+/// - `EVENTS` and `RELEASED`: the channels `<prefix>:events` and `<prefix>:released`, as given;
 /// - `GRACE` ([`FENCE_GRACE`]) and `QUEUE_TTL` ([`FAIR_ENTRY_TTL`]), in ms.
-fn settings(common: &str, cluster: bool, key_prefix: &str) -> String {
+fn settings(common: &str, cluster: bool, events: &str, released: &str) -> String {
     let values = [
         ("EVENTS_ALWAYS", cluster.to_string()),
-        ("EVENTS", lua_string(&format!("{key_prefix}:events"))),
-        ("RELEASED", lua_string(&format!("{key_prefix}:released"))),
+        ("EVENTS", lua_string(events)),
+        ("RELEASED", lua_string(released)),
         ("GRACE", FENCE_GRACE.as_millis().to_string()),
         ("QUEUE_TTL", FAIR_ENTRY_TTL.as_millis().to_string()),
     ];
@@ -110,7 +110,12 @@ mod tests {
 
     #[test]
     fn every_setting_of_common_lua_is_written_once_with_lockds_value() {
-        let common = settings(include_str!("common.lua"), true, "app's\\locks");
+        let common = settings(
+            include_str!("common.lua"),
+            true,
+            "app's\\locks:events",
+            "app's\\locks:released",
+        );
         for line in [
             "local EVENTS_ALWAYS = true",
             "local EVENTS = 'app\\039s\\092locks:events'",
@@ -126,8 +131,11 @@ mod tests {
 
     #[test]
     fn scripts_differ_by_topology_and_key_prefix() {
-        let single = Scripts::new(false, "lockd");
-        for other in [Scripts::new(true, "lockd"), Scripts::new(false, "other")] {
+        let single = Scripts::new(false, "lockd:events", "lockd:released");
+        for other in [
+            Scripts::new(true, "lockd:events", "lockd:released"),
+            Scripts::new(false, "other:events", "other:released"),
+        ] {
             assert_ne!(single.acquire.get_hash(), other.acquire.get_hash());
             assert_ne!(single.release.get_hash(), other.release.get_hash());
             assert_ne!(single.extend.get_hash(), other.extend.get_hash());
